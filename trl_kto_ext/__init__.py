@@ -1,0 +1,42 @@
+"""trl-kto-ext: KTO for Hugging Face TRL with collation-time KL pairing and automatic loss aversion."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# Names are resolved on first use so that `import trl_kto_ext` stays light: transformers' TrainingArguments pulls in
+# peft, and peft pulls in bitsandbytes. `kto_loss` and `KTOExtCollator` need only torch (and TRL's collator).
+_LAZY = {
+    "KTOExtConfig": "trl_kto_ext.config",
+    "KTOExtTrainer": "trl_kto_ext.trainer",
+    "KTOExtCollator": "trl_kto_ext.collator",
+    "kto_loss": "trl_kto_ext.loss",
+    "KTOLossOutput": "trl_kto_ext.loss",
+    "KTOLossMetrics": "trl_kto_ext.loss",
+    "resolve_loss_aversion": "trl_kto_ext.loss_aversion",
+    "LossAversion": "trl_kto_ext.loss_aversion",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+if TYPE_CHECKING:
+    from .collator import KTOExtCollator
+    from .config import KTOExtConfig
+    from .loss import KTOLossMetrics, KTOLossOutput, kto_loss
+    from .loss_aversion import LossAversion, resolve_loss_aversion
+    from .trainer import KTOExtTrainer
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trl_kto_ext' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

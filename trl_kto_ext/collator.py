@@ -1,0 +1,122 @@
+"""KTOExtCollator: pads a KTO batch and builds its KL rows from a random mismatched pairing at collation time."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+from .pairing import draw_kl_partners
+
+# Draws from the dataset before a linear scan when no row of the batch or of the history has another prompt.
+_DATASET_DRAWS = 32
+
+
+@dataclass
+class KTOExtCollator(DataCollatorForUnpairedPreference):
+    """Collator for unpaired preference data that builds the KL rows itself.
+
+    Row i of the KL batch is prompt i followed by the completion of another example whose prompt differs from prompt
+    i, drawn at random from the batch (seeded, reproducible). When the batch cannot supply one (a batch of one row,
+    or all rows sharing a prompt), the completion comes from recently collated batches, then from `fallback_dataset`.
+    Padding and truncation are TRL's `DataCollatorForUnpairedPreference`, so the output keys are the same:
+    `input_ids`, `attention_mask`, `completion_mask`, `KL_input_ids`, `KL_attention_mask`, `KL_completion_mask`,
+    `label` (and `ref_logps` when the examples carry cached reference log-probs).
+
+    Args:
+        pad_token_id: token used for padding.
+        max_length: sequences longer than this are truncated before padding.
+        pad_to_multiple_of: pad the length to a multiple of this value.
+        seed: seed of the pairing; the same seed gives the same pairings for the same batches.
+        build_kl: build the KL rows (False for losses without a reference point, e.g. `apo_zero_unpaired`).
+        fallback_dataset: rows with `prompt_ids` / `completion_ids` to draw from when the batch and the history have
+            no other prompt (the trainer passes its tokenized training set).
+        history_size: number of recent (prompt, completion) rows kept for that purpose.
+
+    Example:
+    ```python
+    >>> from trl_kto_ext import KTOExtCollator
+    >>> collator = KTOExtCollator(pad_token_id=0, seed=0)
+    >>> batch = collator([
+    ...     {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5], "label": True},
+    ...     {"prompt_ids": [7, 8], "completion_ids": [9], "label": False},
+    ... ])
+    >>> batch["KL_input_ids"]  # prompt i followed by the other row's completion
+    tensor([[1, 2, 3, 9],
+            [7, 8, 4, 5]])
+    >>> batch["KL_completion_mask"]
+    tensor([[0, 0, 0, 1],
+            [0, 0, 1, 1]])
+
+    ```
+    """
+
+    seed: int = 0
+    build_kl: bool = True
+    fallback_dataset: Any = field(default=None, repr=False)
+    history_size: int = 256
+
+    def __post_init__(self):
+        self._rng = random.Random(self.seed)
+        self._history: deque[tuple[tuple[int, ...], list[int]]] = deque(maxlen=self.history_size)
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        # Cached reference log-probs of KL rows belong to another pairing: never let them through.
+        examples = [{k: v for k, v in ex.items() if k not in ("KL_completion_ids", "ref_KL_logps")} for ex in examples]
+        if self.build_kl:
+            kl_completions = self.kl_completions(examples)
+            examples = [dict(ex, KL_completion_ids=c) for ex, c in zip(examples, kl_completions)]
+        return super().torch_call(examples)
+
+    def kl_completions(self, examples: list[dict[str, Any]]) -> list[list[int]]:
+        """The completion ids paired with each example's prompt for the KL rows."""
+        keys = [tuple(ex["prompt_ids"]) for ex in examples]
+        partners = draw_kl_partners(keys, self._rng)
+        completions = [
+            list(examples[j]["completion_ids"]) if j is not None else self._completion_from_elsewhere(key)
+            for key, j in zip(keys, partners)
+        ]
+        self._history.extend((key, list(ex["completion_ids"])) for key, ex in zip(keys, examples))
+        return completions
+
+    def _completion_from_elsewhere(self, prompt_key: tuple[int, ...]) -> list[int]:
+        candidates = [completion for key, completion in self._history if key != prompt_key]
+        if candidates:
+            return self._rng.choice(candidates)
+        dataset = self.fallback_dataset
+        if dataset is not None and len(dataset) > 0:
+            n = len(dataset)
+            for _ in range(_DATASET_DRAWS):
+                row = dataset[self._rng.randrange(n)]
+                if tuple(row["prompt_ids"]) != prompt_key:
+                    return list(row["completion_ids"])
+            start = self._rng.randrange(n)
+            for offset in range(n):
+                row = dataset[(start + offset) % n]
+                if tuple(row["prompt_ids"]) != prompt_key:
+                    return list(row["completion_ids"])
+        raise ValueError(
+            "Cannot build a KL row: no example with a different prompt is available (the batch, the recent batches "
+            "and the dataset all share one prompt). KTO estimates its reference point from (prompt, completion) pairs "
+            "with mismatched prompts, so the data needs at least two distinct prompts; when using the collator on "
+            "its own, pass `fallback_dataset=` (or a batch with two prompts)."
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Random state and history, saved in checkpoints so that a resumed run draws the same pairings."""
+        return {"rng_state": self._rng.getstate(), "history": list(self._history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rng.setstate(_as_rng_state(state["rng_state"]))
+        self._history = deque(
+            ((tuple(key), list(completion)) for key, completion in state["history"]), maxlen=self.history_size
+        )
+
+
+def _as_rng_state(state: Any) -> tuple:
+    # JSON turns random.Random's (version, tuple, gauss_next) state into lists.
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,89 @@
+"""KTOExtConfig: TRL's KTOConfig plus loss-aversion and KL-pairing settings, checked on construction."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from trl import KTOConfig
+
+# Eq. (8) of the KTO paper (arXiv 2402.01306): lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3].
+LOSS_AVERSION_RANGE = (1.0, 4.0 / 3.0)
+_RANGE_TOLERANCE = 1e-6
+
+
+@dataclass
+class KTOExtConfig(KTOConfig):
+    r"""
+    Configuration for [`KTOExtTrainer`]. Every field of `trl.KTOConfig` keeps its meaning; the fields below are added.
+
+    Differences from TRL's defaults:
+    - `train_sampling_strategy` defaults to `"random"`: the KL rows are built when a batch is collated, so any
+      sampler works (TRL requires `"sequential"`).
+
+    Args:
+        loss_aversion (`str`, defaults to `"auto"`):
+            `"auto"` counts desirable (n_D) and undesirable (n_U) training rows once, keeps lambda_U = 1 and sets
+            lambda_D = loss_aversion_target * n_U / n_D. `"manual"` uses `desirable_weight` / `undesirable_weight`.
+        loss_aversion_target (`float`, defaults to `1.0`):
+            Target of lambda_D * n_D / (lambda_U * n_U) in `"auto"` mode; must lie in [1, 4/3] (paper, Eq. 8).
+        kl_pairing_seed (`int` or `None`, defaults to `None`):
+            Seed of the random mismatched pairing used for the KL rows; `None` uses `seed`.
+    """
+
+    train_sampling_strategy: str = field(
+        default="random",
+        metadata={
+            "help": "Sampler for the training dataloader: 'random', 'sequential' or 'group_by_length'. Any sampler "
+            "works because the KL rows are paired when each batch is collated.",
+            "choices": ["random", "sequential", "group_by_length"],
+        },
+    )
+    loss_aversion: str = field(
+        default="auto",
+        metadata={
+            "help": "How lambda_D / lambda_U are set. 'auto': from the class counts of the training set "
+            "(lambda_U = 1, lambda_D = loss_aversion_target * n_U / n_D). 'manual': use desirable_weight and "
+            "undesirable_weight as given.",
+            "choices": ["auto", "manual"],
+        },
+    )
+    loss_aversion_target: float = field(
+        default=1.0,
+        metadata={
+            "help": "Target value of lambda_D * n_D / (lambda_U * n_U) in 'auto' mode. The KTO paper (Eq. 8) advises "
+            "a value in [1, 4/3]."
+        },
+    )
+    kl_pairing_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the random mismatched (prompt, completion) pairing of the KL rows. None: `seed`."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_aversion not in ("auto", "manual"):
+            raise ValueError(
+                f"`loss_aversion` must be 'auto' or 'manual', got {self.loss_aversion!r}. Use 'auto' to set the "
+                "weights from the class counts, or 'manual' to use desirable_weight/undesirable_weight as given."
+            )
+        low, high = LOSS_AVERSION_RANGE
+        if not (low - _RANGE_TOLERANCE <= float(self.loss_aversion_target) <= high + _RANGE_TOLERANCE):
+            raise ValueError(
+                f"`loss_aversion_target` = {self.loss_aversion_target} is outside [1, 4/3]: the KTO paper (Eq. 8) "
+                "advises lambda_D * n_D / (lambda_U * n_U) between 1 and 4/3. Pick a value in that range, or set "
+                "loss_aversion='manual' and give desirable_weight/undesirable_weight yourself."
+            )
+        for name in ("desirable_weight", "undesirable_weight"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"`{name}` must be a positive number, got {getattr(self, name)!r}.")
+        if self.loss_aversion == "auto" and (self.desirable_weight != 1.0 or self.undesirable_weight != 1.0):
+            warnings.warn(
+                f"desirable_weight={self.desirable_weight} / undesirable_weight={self.undesirable_weight} were given, "
+                "so loss_aversion is 'manual' (set loss_aversion='manual' to silence this message).",
+                UserWarning,
+                stacklevel=3,
+            )
+            self.loss_aversion = "manual"
+        if self.beta <= 0:
+            raise ValueError(f"`beta` must be positive, got {self.beta}.")

@@ -1,0 +1,121 @@
+"""The KTO loss as a pure function of per-sequence log-probabilities (no model, no devices, no collectives)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class KTOLossMetrics(NamedTuple):
+    """Detached by-products of the loss, for logging.
+
+    Attributes:
+        kl: z0 after the clamp, scalar.
+        kl_raw: z0 before the clamp, scalar (negative values show the estimate being clipped).
+        rewards: implied rewards beta * r(x, y), shape [B].
+        losses: per-example weighted losses lambda_y * (1 - sigma(...)), shape [B].
+    """
+
+    kl: torch.Tensor
+    kl_raw: torch.Tensor
+    rewards: torch.Tensor
+    losses: torch.Tensor
+
+
+class KTOLossOutput(NamedTuple):
+    """`(loss, metrics)`: the scalar loss to back-propagate and its [`KTOLossMetrics`]."""
+
+    loss: torch.Tensor
+    metrics: KTOLossMetrics
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    kl_policy_logps: torch.Tensor,
+    kl_reference_logps: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    reference_point: torch.Tensor | None = None,
+) -> KTOLossOutput:
+    r"""KTO loss of Ethayarajh et al., "KTO: Model Alignment as Prospect Theoretic Optimization"
+    (https://arxiv.org/abs/2402.01306), Eq. (7)-(8).
+
+    With r = log pi_theta(y|x) - log pi_ref(y|x) summed over the completion tokens and
+    z0 = max(0, mean_j [log pi_theta(y'_j|x_j) - log pi_ref(y'_j|x_j)]) over mismatched pairs (detached):
+
+        desirable:    L = lambda_D * (1 - sigma(beta * (r - z0)))
+        undesirable:  L = lambda_U * (1 - sigma(beta * (z0 - r)))
+        loss = mean over the batch of L
+
+    Args:
+        policy_logps: log pi_theta(y|x) summed over completion tokens, shape [B].
+        reference_logps: log pi_ref(y|x), shape [B].
+        kl_policy_logps: log pi_theta(y'|x) on the mismatched KL rows, shape [K] (K may differ from B; K = 0 gives
+            z0 = 0, as for a loss without a reference point).
+        kl_reference_logps: log pi_ref(y'|x) on the KL rows, shape [K].
+        labels: bool, True for desirable, shape [B].
+        beta: the KTO temperature beta.
+        desirable_weight: lambda_D.
+        undesirable_weight: lambda_U.
+        reference_point: optional z0 *before* the clamp, shape [] (for example the mean over all processes of a
+            distributed run); when given, `kl_policy_logps` / `kl_reference_logps` are not used to compute it.
+
+    Returns:
+        [`KTOLossOutput`] `(loss, metrics)`; `loss` is a scalar with gradients w.r.t. `policy_logps` only.
+    """
+    if policy_logps.ndim != 1 or policy_logps.shape != reference_logps.shape or labels.shape != policy_logps.shape:
+        raise ValueError(
+            "kto_loss expects policy_logps, reference_logps and labels of the same shape [B]; got "
+            f"{tuple(policy_logps.shape)}, {tuple(reference_logps.shape)} and {tuple(labels.shape)}."
+        )
+    if policy_logps.numel() == 0:
+        raise ValueError("kto_loss got an empty batch (B = 0): there is nothing to compute a loss on.")
+    labels = labels.to(device=policy_logps.device, dtype=torch.bool)
+
+    if reference_point is not None:
+        kl_raw = reference_point.detach().to(policy_logps)
+    elif kl_policy_logps.numel() > 0:
+        kl_raw = (kl_policy_logps - kl_reference_logps).mean().detach().to(policy_logps)
+    else:
+        kl_raw = policy_logps.new_zeros(())
+    kl = kl_raw.clamp(min=0)
+
+    logratios = policy_logps - reference_logps
+    # One expression for both classes keeps a one-class batch free of empty-tensor means (and of NaN).
+    sign = torch.where(labels, 1.0, -1.0).to(logratios)
+    weights = torch.where(labels, desirable_weight, undesirable_weight).to(logratios)
+    losses = weights * (1.0 - F.sigmoid(beta * sign * (logratios - kl)))
+    metrics = KTOLossMetrics(
+        kl=kl, kl_raw=kl_raw, rewards=(beta * logratios).detach(), losses=losses.detach()
+    )
+    return KTOLossOutput(losses.mean(), metrics)
+
+
+def apo_zero_unpaired_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOLossOutput:
+    r"""Unpaired APO-zero loss (D'Oosterlinck et al., https://arxiv.org/abs/2408.06266, Eq. 7), kept for parity
+    with TRL's `loss_type="apo_zero_unpaired"`:
+
+        desirable:    L = lambda_D * (1 - sigma(beta * r))
+        undesirable:  L = lambda_U * sigma(beta * r)
+
+    Shapes as in [`kto_loss`]; there is no reference point, so `kl` and `kl_raw` are 0.
+    """
+    labels = labels.to(device=policy_logps.device, dtype=torch.bool)
+    logratios = policy_logps - reference_logps
+    weights = torch.where(labels, desirable_weight, undesirable_weight).to(logratios)
+    losses = weights * torch.where(labels, 1.0 - F.sigmoid(beta * logratios), F.sigmoid(beta * logratios))
+    zero = policy_logps.new_zeros(())
+    metrics = KTOLossMetrics(kl=zero, kl_raw=zero, rewards=(beta * logratios).detach(), losses=losses.detach())
+    return KTOLossOutput(losses.mean(), metrics)

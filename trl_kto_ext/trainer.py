@@ -1,0 +1,361 @@
+"""KTOExtTrainer: TRL's KTOTrainer with collation-time KL pairing, automatic loss aversion and a pure loss function."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from collections import defaultdict
+from typing import Any, NamedTuple
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import Trainer, TrainerCallback
+from trl import KTOConfig, KTOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from .collator import KTOExtCollator
+from .config import KTOExtConfig
+from .loss import apo_zero_unpaired_loss, kto_loss
+from .loss_aversion import LossAversion, resolve_loss_aversion
+
+PAIRING_STATE_FILE = "kl_pairing_state.json"
+# Keys of a collated batch that are not model inputs.
+_NON_MODEL_KEYS = {
+    "completion_mask",
+    "KL_input_ids",
+    "KL_attention_mask",
+    "KL_completion_mask",
+    "label",
+    "ref_logps",
+    "ref_KL_logps",
+}
+
+
+class SequenceLogps(NamedTuple):
+    """Per-sequence log-probabilities summed over completion tokens (shapes [B] and [K])."""
+
+    policy: torch.Tensor
+    reference: torch.Tensor
+    kl_policy: torch.Tensor
+    kl_reference: torch.Tensor
+
+
+class _LossAversionReport(TrainerCallback):
+    """Prints lambda_D, lambda_U and their ratio once, when training starts."""
+
+    def __init__(self, trainer: KTOExtTrainer):
+        self._trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self._trainer.loss_aversion is not None:
+            print(self._trainer.loss_aversion.describe(), flush=True)
+
+
+class KTOExtTrainer(KTOTrainer):
+    """Drop-in replacement for `trl.KTOTrainer` (same constructor arguments).
+
+    What changes:
+    - The KL rows are built by [`KTOExtCollator`] when each batch is collated, from a random pairing of every prompt
+      with a completion written for a different prompt; so any sampler works (shuffled by default) and any batch size,
+      1 included. TRL instead rotates completions when tokenizing, which needs its sequential sampler.
+    - lambda_D / lambda_U come from the class counts (`loss_aversion="auto"`) or are checked (`"manual"`), and are
+      logged with the effective ratio and with z0 before (`kl_raw`) and after (`kl`) the clamp.
+    - The loss is [`kto_loss`], a pure function; z0 is the mean KL log-ratio over the KL rows of all processes.
+    """
+
+    def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
+        args = _as_ext_config(args, model)
+        if ref_model is None and _needs_reference_copy(model, args, kwargs.get("peft_config")):
+            # TRL reloads the reference from `model.config._name_or_path`, which fails for a model built in memory and
+            # is wrong for one changed since loading (e.g. after SFT in the same notebook): copy the model as given.
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.loss_aversion: LossAversion | None = None
+        user_collator = data_collator
+        # TRL fixes KL completions while tokenizing and therefore refuses shuffled samplers and batches of one. This
+        # trainer pairs at collation time, so TRL's set-up runs as for a loss without a KL term (which skips its
+        # tokenization-time pairing and those checks); the real loss type is restored right after.
+        with _loss_type_during_setup(args, "apo_zero_unpaired"):
+            super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
+        self.loss_type = args.loss_type
+        self.calculate_KL = args.loss_type != "apo_zero_unpaired"
+        if user_collator is None and not self._is_vision_dataset:
+            self.data_collator = KTOExtCollator(
+                pad_token_id=self._tokenizer.pad_token_id,
+                max_length=args.max_length,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+                seed=args.kl_pairing_seed if args.kl_pairing_seed is not None else args.seed,
+                build_kl=self.calculate_KL,
+                fallback_dataset=self.train_dataset if isinstance(self.train_dataset, Dataset) else None,
+            )
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.add_callback(_LossAversionReport(self))
+
+    # ----------------------------------------------------------------------------------------------- data set-up
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if dataset_name == "train":
+            self._set_loss_aversion(dataset, args)
+        # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids`.
+        with _attribute(self, "calculate_KL", False):
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # Only the target rows' reference log-probs are cached: the KL rows change with every pairing, so their
+        # reference log-probs are computed per step.
+        with _attribute(self, "calculate_KL", False):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _set_loss_aversion(self, dataset, args) -> None:
+        counts = count_raw_labels(dataset)
+        if counts is None:  # an IterableDataset cannot be counted without consuming it
+            mode = "manual"
+            counts = (1, 1)
+        else:
+            mode = getattr(args, "loss_aversion", "manual")
+        self.loss_aversion = resolve_loss_aversion(
+            *counts,
+            mode=mode,
+            target=getattr(args, "loss_aversion_target", 1.0),
+            desirable_weight=args.desirable_weight,
+            undesirable_weight=args.undesirable_weight,
+        )
+        self.desirable_weight = self.loss_aversion.desirable_weight
+        self.undesirable_weight = self.loss_aversion.undesirable_weight
+
+    # ------------------------------------------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        labels = batch["label"].bool()
+        outputs = self._policy_forward(model, batch)
+        logps = SequenceLogps(
+            policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
+            reference=self._reference_target_logps(batch),
+            kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else None,
+            kl_reference=self._reference_kl_logps(batch) if self.calculate_KL else None,
+        )
+        if self.loss_type == "apo_zero_unpaired":
+            result = apo_zero_unpaired_loss(
+                logps.policy, logps.reference, labels, self.beta, self.desirable_weight, self.undesirable_weight
+            )
+        else:
+            result = kto_loss(
+                logps.policy,
+                logps.reference,
+                logps.kl_policy,
+                logps.kl_reference,
+                labels,
+                beta=self.beta,
+                desirable_weight=self.desirable_weight,
+                undesirable_weight=self.undesirable_weight,
+                reference_point=self._global_reference_point(logps.kl_policy - logps.kl_reference),
+            )
+        self._record_metrics(mode, batch, labels, logps, outputs, result.metrics)
+        loss = result.loss
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**self._model_kwargs(batch))
+            return loss, outputs
+        return loss
+
+    def _model_kwargs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+        kwargs["use_cache"] = False
+        return kwargs
+
+    def _policy_forward(self, model, batch):
+        kwargs = self._model_kwargs(batch)
+        if self.aux_loss_enabled:
+            kwargs["output_router_logits"] = True
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        return model(**kwargs, labels=labels, fused_lm_head=True)
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """Yields the reference model: `ref_model`, or the policy with its adapters disabled (PEFT)."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is None and is_peft_model(self.model):
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    yield self.model
+            else:
+                yield self.ref_model if self.ref_model is not None else self.model
+
+    def _reference_target_logps(self, batch) -> torch.Tensor:
+        if "ref_logps" in batch:
+            return batch["ref_logps"].to(self.accelerator.device)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        kwargs = {k: v for k, v in self._model_kwargs(batch).items() if k != "output_router_logits"}
+        with self._reference() as ref:
+            per_token = ref(**kwargs, labels=labels, fused_lm_head=True).log_probs
+        return per_token[:, -(batch["input_ids"].size(1) - 1) :].sum(-1)
+
+    def _reference_kl_logps(self, batch) -> torch.Tensor:
+        with self._reference() as ref:
+            return self._compute_kl_logps(ref, batch)
+
+    def _global_reference_point(self, kl_logratios: torch.Tensor) -> torch.Tensor:
+        """z0 before the clamp: the sum of KL log-ratios over all processes divided by their total count, so a
+        process with fewer KL rows is not over-weighted."""
+        totals = torch.stack([kl_logratios.detach().float().sum(), kl_logratios.new_tensor(kl_logratios.numel())])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals.float(), reduction="sum")
+        return totals[0] / totals[1].clamp(min=1)
+
+    # --------------------------------------------------------------------------------------------------- metrics
+    def _record_metrics(self, mode, batch, labels, logps: SequenceLogps, outputs, metrics) -> None:
+        """Adds this step's metrics, summed over processes with a single collective."""
+        mask = batch["completion_mask"][:, 1:].float()
+        seq_len = mask.size(1)
+        rewards = metrics.rewards.float()
+        policy = logps.policy.detach().float()
+        chosen, rejected = labels.float(), (~labels).float()
+        token_logits = outputs.mean_logits[:, -seq_len:].detach().float() * mask
+        entropy = outputs.entropy[:, -seq_len:].detach().float() * mask
+        sums = torch.stack(
+            [
+                chosen.sum(),
+                rejected.sum(),
+                (rewards * chosen).sum(),
+                (rewards * rejected).sum(),
+                (policy * chosen).sum(),
+                (policy * rejected).sum(),
+                entropy.sum(),
+                mask.sum(),
+                (token_logits.sum(-1) * chosen).sum(),
+                (mask.sum(-1) * chosen).sum(),
+                (token_logits.sum(-1) * rejected).sum(),
+                (mask.sum(-1) * rejected).sum(),
+                batch["attention_mask"].sum().float(),
+            ]
+        )
+        sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
+        n_chosen, n_rejected, r_chosen, r_rejected, lp_chosen, lp_rejected = sums[:6]
+        entropy_sum, tokens, logit_chosen, tok_chosen, logit_rejected, tok_rejected, attended = sums[6:]
+        m = self._metrics[mode]
+        m["kl"].append(metrics.kl.item())
+        if self.calculate_KL:
+            m["kl_raw"].append(metrics.kl_raw.item())
+        m["count/desirable"].append(n_chosen)
+        m["count/undesirable"].append(n_rejected)
+        if tokens > 0:
+            m["entropy"].append(entropy_sum / tokens)
+        # A metric with no rows in this step is left out rather than logged as NaN.
+        if n_chosen > 0:
+            m["rewards/chosen"].append(r_chosen / n_chosen)
+            m["logps/chosen"].append(lp_chosen / n_chosen)
+        if n_rejected > 0:
+            m["rewards/rejected"].append(r_rejected / n_rejected)
+            m["logps/rejected"].append(lp_rejected / n_rejected)
+        if n_chosen > 0 and n_rejected > 0:
+            m["rewards/margins"].append(r_chosen / n_chosen - r_rejected / n_rejected)
+        if tok_chosen > 0:
+            m["logits/chosen"].append(logit_chosen / tok_chosen)
+        if tok_rejected > 0:
+            m["logits/rejected"].append(logit_rejected / tok_rejected)
+        if mode == "train":
+            self._total_train_tokens += int(attended) // self._tp_size
+        m["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        # Row counts add up over the logging window; every other metric is averaged.
+        metrics = {
+            key: (sum(values) if key.startswith("count/") else sum(values) / len(values))
+            for key, values in self._metrics[mode].items()
+            if values
+        }
+        if self.loss_aversion is not None:
+            metrics["lambda_D"] = self.desirable_weight
+            metrics["lambda_U"] = self.undesirable_weight
+            metrics["loss_aversion_ratio"] = self.loss_aversion.ratio
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        # TRL's `log` would average the row counts: skip to transformers' own.
+        Trainer.log(self, logs, start_time)
+        self._metrics[mode].clear()
+
+    # ---------------------------------------------------------------------------------------- resume the pairing
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if isinstance(self.data_collator, KTOExtCollator) and self.args.should_save:
+            with open(os.path.join(output_dir, PAIRING_STATE_FILE), "w") as f:
+                json.dump(self.data_collator.state_dict(), f)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = os.path.join(checkpoint, PAIRING_STATE_FILE) if checkpoint else None
+        if path and os.path.isfile(path) and isinstance(self.data_collator, KTOExtCollator):
+            with open(path) as f:
+                self.data_collator.load_state_dict(json.load(f))
+
+
+def count_raw_labels(dataset) -> tuple[int, int] | None:
+    """(n_desirable, n_undesirable) of a training set in unpaired or paired form; None for an IterableDataset."""
+    if isinstance(dataset, IterableDataset):
+        return None
+    columns = set(dataset.column_names)
+    if "label" in columns:
+        labels = list(dataset["label"])
+        for row, value in enumerate(labels):
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"Row {row} has label {value!r} ({type(value).__name__}); KTO labels must be booleans "
+                    "(True = desirable, False = undesirable). Convert the column first, e.g. with "
+                    "`trl_kto_ext.data.prepare_unpaired(dataset)`, which accepts 0/1, 'good'/'bad', 'up'/'down', ..."
+                )
+        n_desirable = sum(labels)
+        return n_desirable, len(labels) - n_desirable
+    if {"chosen", "rejected"} <= columns:
+        return len(dataset), len(dataset)
+    raise ValueError(
+        f"The training set has columns {sorted(columns)}; KTO needs `prompt`, `completion` and `label` (unpaired) or "
+        "`prompt`, `chosen` and `rejected` (paired). Rename the columns, e.g. with `dataset.rename_column(...)`."
+    )
+
+
+def _needs_reference_copy(model, args, peft_config) -> bool:
+    if isinstance(model, str) or peft_config is not None or is_peft_model(model) or args.precompute_ref_log_probs:
+        return False
+    return not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def _as_ext_config(args: KTOConfig | None, model) -> KTOExtConfig:
+    if isinstance(args, KTOExtConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+        return KTOExtConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-KTO")
+    if isinstance(args, KTOConfig):
+        # A plain TRL config keeps its values; the added fields take their defaults.
+        values = {k: v for k, v in args.to_dict().items() if k in KTOExtConfig.__dataclass_fields__}
+        values = {k: getattr(args, k) for k in values if KTOExtConfig.__dataclass_fields__[k].init}
+        return KTOExtConfig(**values)
+    raise TypeError(f"`args` must be a KTOExtConfig or trl.KTOConfig, got {type(args).__name__}.")
+
+
+@contextlib.contextmanager
+def _loss_type_during_setup(args, loss_type: str):
+    saved = args.loss_type
+    args.loss_type = loss_type
+    try:
+        yield
+    finally:
+        args.loss_type = saved
+
+
+@contextlib.contextmanager
+def _attribute(obj, name: str, value):
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
