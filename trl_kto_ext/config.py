@@ -12,6 +12,12 @@ LOSS_AVERSION_RANGE = (1.0, 4.0 / 3.0)
 _RANGE_TOLERANCE = 1e-6
 
 
+def _bf16_accelerator_available() -> bool:
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    return is_torch_bf16_gpu_available()
+
+
 @dataclass
 class KTOExtConfig(KTOConfig):
     r"""
@@ -20,6 +26,8 @@ class KTOExtConfig(KTOConfig):
     Differences from TRL's defaults:
     - `train_sampling_strategy` defaults to `"random"`: the KL rows are built when a batch is collated, so any
       sampler works (TRL requires `"sequential"`).
+    - `bf16` left unset is on where a bf16-capable accelerator (or `use_cpu=True`) is present and off otherwise,
+      so the default config also works on a machine without a GPU (TRL's raises there unless `use_cpu` is set).
 
     Args:
         loss_aversion (`str`, defaults to `"auto"`):
@@ -61,6 +69,10 @@ class KTOExtConfig(KTOConfig):
     )
 
     def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            # TRL turns bf16 on whenever it is unset, which makes a plain `KTOConfig(output_dir=...)` fail on a machine
+            # without a bf16 GPU unless `use_cpu` is given. Unset here means: bf16 where the hardware has it.
+            self.bf16 = bool(self.use_cpu) or _bf16_accelerator_available()
         super().__post_init__()
         if self.loss_aversion not in ("auto", "manual"):
             raise ValueError(

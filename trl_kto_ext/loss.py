@@ -88,11 +88,9 @@ def kto_loss(
     logratios = policy_logps - reference_logps
     # One expression for both classes keeps a one-class batch free of empty-tensor means (and of NaN).
     sign = torch.where(labels, 1.0, -1.0).to(logratios)
-    weights = torch.where(labels, desirable_weight, undesirable_weight).to(logratios)
+    weights = _class_weights(labels, desirable_weight, undesirable_weight, logratios)
     losses = weights * (1.0 - F.sigmoid(beta * sign * (logratios - kl)))
-    metrics = KTOLossMetrics(
-        kl=kl, kl_raw=kl_raw, rewards=(beta * logratios).detach(), losses=losses.detach()
-    )
+    metrics = KTOLossMetrics(kl=kl, kl_raw=kl_raw, rewards=(beta * logratios).detach(), losses=losses.detach())
     return KTOLossOutput(losses.mean(), metrics)
 
 
@@ -114,8 +112,13 @@ def apo_zero_unpaired_loss(
     """
     labels = labels.to(device=policy_logps.device, dtype=torch.bool)
     logratios = policy_logps - reference_logps
-    weights = torch.where(labels, desirable_weight, undesirable_weight).to(logratios)
+    weights = _class_weights(labels, desirable_weight, undesirable_weight, logratios)
     losses = weights * torch.where(labels, 1.0 - F.sigmoid(beta * logratios), F.sigmoid(beta * logratios))
     zero = policy_logps.new_zeros(())
     metrics = KTOLossMetrics(kl=zero, kl_raw=zero, rewards=(beta * logratios).detach(), losses=losses.detach())
     return KTOLossOutput(losses.mean(), metrics)
+
+
+def _class_weights(labels: torch.Tensor, desirable: float, undesirable: float, like: torch.Tensor) -> torch.Tensor:
+    # Built in the dtype of the log-ratios: a float32 detour would round lambda in a float64 computation.
+    return torch.where(labels, like.new_tensor(float(desirable)), like.new_tensor(float(undesirable)))

@@ -1,0 +1,55 @@
+"""Shared fixtures: the embedded tiny default (built once, cached on disk) and a tiny random model."""
+
+import os
+
+import pytest
+import torch
+
+# Two cores: keep each test process on them without oversubscription.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_default():
+    from trl_kto_ext.tiny import build_tiny_default
+
+    return build_tiny_default()
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    from trl_kto_ext.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture
+def small_model(tiny_tokenizer):
+    """A randomly initialised tiny Llama (fast to build; for checks that need no trained base)."""
+    from trl_kto_ext.tiny import build_model
+
+    return build_model(tiny_tokenizer, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+def cpu_args(output_dir, **overrides):
+    """KTOExtConfig for fast CPU tests."""
+    from trl_kto_ext import KTOExtConfig
+
+    values = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-3,
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return KTOExtConfig(**values)

@@ -1,0 +1,193 @@
+"""KTOExtTrainer end to end: TRL parity of the loss, shuffled sampler, loss aversion, logged metrics, bad config."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import cpu_args
+from trl import KTOConfig, KTOTrainer
+from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+from trl_kto_ext import KTOExtConfig, KTOExtTrainer
+from trl_kto_ext.tiny import make_kto_dataset
+
+
+def perturb_(model, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_loss_equals_trl_kto_trainer_on_the_same_batch(small_model, tiny_tokenizer, tmp_path):
+    """Same model, same frozen reference, same collated batch (KL rows fixed): same loss as TRL's trainer."""
+    dataset = make_kto_dataset(32, seed=0, desirable_ratio=0.4)
+    reference = copy.deepcopy(small_model)
+    policy = copy.deepcopy(small_model)
+    common = dict(beta=0.3, desirable_weight=1.2, undesirable_weight=0.9)
+    trl_args = KTOConfig(
+        **{k: v for k, v in vars(cpu_args(tmp_path / "trl")).items() if k in KTOConfig.__dataclass_fields__},
+    )
+    trl_args.train_sampling_strategy = "sequential"
+    for key, value in common.items():
+        setattr(trl_args, key, value)
+    trl_trainer = KTOTrainer(
+        model=policy, ref_model=reference, args=trl_args, train_dataset=dataset, processing_class=tiny_tokenizer
+    )
+    ours = KTOExtTrainer(
+        model=copy.deepcopy(small_model),
+        ref_model=copy.deepcopy(small_model),
+        args=cpu_args(tmp_path / "ours", loss_aversion="manual", **common),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
+    perturb_(trl_trainer.model)
+    perturb_(ours.model)  # same seed: both policies move away from the reference identically
+
+    # A batch with explicit KL completions, collated by TRL's collator, fed to both trainers.
+    rows = [trl_trainer.train_dataset[i] for i in range(8)]
+    examples = [
+        {"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"], "label": r["label"],
+         "KL_completion_ids": rows[(i + 3) % 8]["completion_ids"]}
+        for i, r in enumerate(rows)
+    ]  # fmt: skip
+    batch = DataCollatorForUnpairedPreference(pad_token_id=tiny_tokenizer.pad_token_id)(examples)
+    trl_trainer.model.train()
+    ours.model.train()
+    trl_loss = trl_trainer.compute_loss(trl_trainer.model, dict(batch))
+    our_loss = ours.compute_loss(ours.model, dict(batch))
+    assert math.isfinite(our_loss.item())
+    assert our_loss.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-7)
+    assert ours._metrics["train"]["kl"][-1] == pytest.approx(trl_trainer._metrics["train"]["kl"][-1], abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert ours._metrics["train"][key][-1] == pytest.approx(trl_trainer._metrics["train"][key][-1], rel=1e-5)
+
+
+def test_shuffled_sampler_trains_and_logs_lambda_and_kl_raw(tiny_default, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_default.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_default.model_dir)
+    args = cpu_args(tmp_path, max_steps=4, per_device_train_batch_size=5)
+    assert args.train_sampling_strategy == "random"
+    trainer = KTOExtTrainer(
+        model=model, args=args, train_dataset=make_kto_dataset(60, seed=1), processing_class=tokenizer
+    )
+    sampler = trainer._get_train_sampler(trainer.train_dataset)
+    assert type(sampler).__name__ == "RandomSampler"
+    trainer.train()
+    assert "lambda_D=" in capsys.readouterr().out
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4
+    for entry in logs:
+        assert math.isfinite(entry["loss"])
+        for key in ("lambda_D", "lambda_U", "loss_aversion_ratio", "kl", "kl_raw"):
+            assert key in entry and math.isfinite(entry[key])
+        assert entry["count/desirable"] + entry["count/undesirable"] == 5
+        assert entry["kl"] == max(0.0, entry["kl_raw"])
+        assert not any(isinstance(v, float) and math.isnan(v) for v in entry.values())
+
+
+def test_auto_lambda_on_imbalanced_set(small_model, tiny_tokenizer, tmp_path):
+    dataset = make_kto_dataset(100, seed=2, desirable_ratio=0.2)  # 1 desirable : 4 undesirable
+    target = 1.25
+    trainer = KTOExtTrainer(
+        model=small_model,
+        args=cpu_args(tmp_path, loss_aversion_target=target, max_steps=2),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
+    assert trainer.loss_aversion.n_desirable == 20 and trainer.loss_aversion.n_undesirable == 80
+    assert trainer.desirable_weight == pytest.approx(4 * target)
+    assert trainer.undesirable_weight == 1.0
+    assert trainer.loss_aversion.ratio == pytest.approx(target)
+    trainer.train()
+    entry = next(h for h in trainer.state.log_history if "loss" in h)
+    assert entry["lambda_D"] == pytest.approx(5.0) and entry["loss_aversion_ratio"] == pytest.approx(target)
+
+
+def test_batch_size_one_and_short_last_batch(small_model, tiny_tokenizer, tmp_path):
+    dataset = make_kto_dataset(7, seed=3)
+    for batch_size in (1, 3):  # 7 rows in batches of 3 leave a last batch of 1
+        trainer = KTOExtTrainer(
+            model=copy.deepcopy(small_model),
+            args=cpu_args(tmp_path, per_device_train_batch_size=batch_size, max_steps=-1, num_train_epochs=1),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_conversational_data_and_plain_trl_config(small_model, tiny_tokenizer, tmp_path):
+    dataset = make_kto_dataset(20, seed=4, conversational=True)
+    args = KTOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
+        save_strategy="no", per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, logging_steps=1,
+    )  # fmt: skip
+    trainer = KTOExtTrainer(model=small_model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer)
+    assert isinstance(trainer.args, KTOExtConfig)
+    first = trainer.train_dataset[0]
+    rendered = tiny_tokenizer.decode(first["prompt_ids"])
+    assert "<|user|>" in rendered and "<|assistant|>" in rendered  # the chat template was applied
+    trainer.train()
+
+
+def test_eval_metrics_use_eval_prefix(small_model, tiny_tokenizer, tmp_path):
+    trainer = KTOExtTrainer(
+        model=small_model,
+        args=cpu_args(tmp_path, per_device_eval_batch_size=3),
+        train_dataset=make_kto_dataset(20, seed=5),
+        eval_dataset=make_kto_dataset(10, seed=6, split="heldout"),
+        processing_class=tiny_tokenizer,
+    )
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_kl", "eval_kl_raw", "eval_rewards/chosen", "eval_lambda_D"):
+        assert key in metrics and math.isfinite(metrics[key])
+    assert metrics["eval_count/desirable"] + metrics["eval_count/undesirable"] == 10
+
+
+def test_one_class_dataset_is_a_clear_error(small_model, tiny_tokenizer, tmp_path):
+    dataset = make_kto_dataset(10, seed=7, desirable_ratio=1.0)
+    with pytest.raises(ValueError, match="KTO needs both labels"):
+        KTOExtTrainer(
+            model=small_model, args=cpu_args(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer
+        )
+
+
+@pytest.mark.parametrize("target", [0.9, 1.4, 2.0])
+def test_loss_aversion_target_outside_range_is_a_clear_error(target, tmp_path):
+    with pytest.raises(ValueError, match=r"outside \[1, 4/3\]"):
+        KTOExtConfig(output_dir=str(tmp_path), loss_aversion_target=target)
+
+
+def test_weights_with_auto_switch_to_manual_with_a_message(tmp_path):
+    with pytest.warns(UserWarning, match="loss_aversion is 'manual'"):
+        args = KTOExtConfig(output_dir=str(tmp_path), desirable_weight=2.0)
+    assert args.loss_aversion == "manual"
+
+
+def test_manual_weights_out_of_range_warn_once(small_model, tiny_tokenizer, tmp_path):
+    dataset = make_kto_dataset(40, seed=8, desirable_ratio=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = KTOExtTrainer(
+            model=small_model,
+            args=cpu_args(tmp_path, loss_aversion="manual", desirable_weight=3.0),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
+    messages = [str(w.message) for w in caught if "outside [1, 4/3]" in str(w.message)]
+    assert len(messages) == 1
+    assert trainer.desirable_weight == 3.0 and trainer.loss_aversion.ratio == pytest.approx(3.0)
+
+
+def test_non_boolean_labels_are_a_clear_error(small_model, tiny_tokenizer, tmp_path):
+    dataset = make_kto_dataset(6, seed=9).map(lambda r: {"label": "maybe"})
+    with pytest.raises(ValueError, match=r"Row 0 has label 'maybe'"):
+        KTOExtTrainer(
+            model=small_model, args=cpu_args(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer
+        )

@@ -1,0 +1,348 @@
+"""Load, validate and reshape unpaired KTO data (prompt, completion, bool label) from files, folders or the Hub."""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from datasets import Dataset, DatasetDict, Value
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_FORMATS = ", ".join(_BUILDERS)
+# Suffixes that mean "a file the user meant to read" even though we cannot: they must not fall through to the Hub.
+_OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".pkl", ".yaml", ".yml"}
+_TRUE = "true 1 desirable good up thumbs_up 👍 yes positive chosen".split()
+_FALSE = "false 0 undesirable bad down thumbs_down 👎 no negative rejected".split()
+_LABELS = {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}
+_ACCEPTED = "bools, 0/1 (int or float) or, case-insensitive, " + ", ".join(
+    f"{t!r}/{f!r}" for t, f in zip(_TRUE, _FALSE)
+)
+
+
+def normalize_label(value: Any, row: int) -> bool:
+    """Map a desirable/undesirable marker (bool, 0/1, 'good'/'bad', '👍'/'👎', ...) to a bool; ValueError otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Real) and value in (0, 1):  # ints, numpy ints, 0.0/1.0; NaN and 0.5 fall through
+        return bool(value)
+    if isinstance(value, str):
+        # Normalise spelling variants ("Thumbs-Up", " 👍️ ") instead of listing them all.
+        key = value.strip().lower().replace("\ufe0f", "").replace("-", "_").replace(" ", "_")
+        if key in _LABELS:
+            return _LABELS[key]
+    raise ValueError(
+        f"Unrecognised label {value!r} at row {row}. Accepted labels: {_ACCEPTED}. "
+        "Fix the value in the data, or map it to one of these before loading."
+    )
+
+
+def _plain(dataset: Dataset) -> Dataset:
+    # A torch/numpy format would hand us tensors instead of Python values.
+    return dataset.with_format(None)
+
+
+def _check_dataset(dataset: Any) -> Dataset:
+    if isinstance(dataset, DatasetDict):
+        raise ValueError(f"Expected one split, got a DatasetDict ({sorted(dataset)}); pass e.g. dataset['train'].")
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"Expected a datasets.Dataset, got {type(dataset).__name__}; use Dataset.from_list(...).")
+    return dataset
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (isinstance(value, numbers.Real) and 0 < value <= 1):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}; use 1.0 to keep every row of that class.")
+
+
+def count_labels(dataset: Dataset) -> tuple[int, int]:
+    """Return (n_desirable, n_undesirable), checking that every `label` is a Python bool."""
+    dataset = _check_dataset(dataset)
+    if "label" not in dataset.column_names:
+        raise ValueError(f"No 'label' column (columns: {dataset.column_names}); run prepare_unpaired() first.")
+    n_true = 0
+    for row, value in enumerate(_plain(dataset)["label"]):
+        if not isinstance(value, bool):
+            raise ValueError(f"label at row {row} is {value!r}, not a bool; run prepare_unpaired() to convert labels.")
+        n_true += value
+    return n_true, len(dataset) - n_true
+
+
+def _is_blank(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list):  # conversational: blank only if no message carries any content
+        return all(_is_blank(m.get("content") if isinstance(m, dict) else m) for m in value)
+    if isinstance(value, dict):  # multimodal content part: {"type": "text", "text": ...} or an image/audio part
+        return _is_blank(value.get("text")) if value.get("type", "text") == "text" else False
+    return value is None
+
+
+def _check_text_columns(dataset: Dataset, columns: list[str]) -> None:
+    plain = _plain(dataset)
+    for column in columns:
+        for row, value in enumerate(plain[column]):
+            if not isinstance(value, (str, list)):
+                raise ValueError(f"{column} at row {row} is {value!r}, not text or a list of messages; fix that row.")
+            if _is_blank(value):
+                raise ValueError(f"{column} at row {row} is empty ({value!r}); fill in or drop that row.")
+
+
+def unpair_paired_dataset(dataset: Dataset, seed: int = 0) -> Dataset:
+    """Turn (prompt, chosen, rejected) pairs into alternating (prompt, chosen, True), (prompt, rejected, False) rows.
+
+    Pairs are shuffled with `seed`; each pair's two rows are adjacent, chosen first, so labels strictly alternate and
+    every window of two or more consecutive rows holds both labels (sequential batches always mix). Extra columns are
+    copied to both rows.
+    """
+    dataset = _check_dataset(dataset)
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Paired data needs prompt, chosen, rejected; missing {missing} in {dataset.column_names}.")
+    if clash := [c for c in ("completion", "label") if c in dataset.column_names]:
+        raise ValueError(f"Paired data already has column(s) {clash}, which unpairing creates; drop them first.")
+    n = len(dataset)
+    chosen = dataset.remove_columns("rejected").rename_column("chosen", "completion")
+    rejected = dataset.remove_columns("chosen").rename_column("rejected", "completion")
+    chosen = chosen.add_column("label", [True] * n, feature=Value("bool"))
+    rejected = rejected.add_column("label", [False] * n, feature=Value("bool"))
+    try:  # chosen/rejected may have been inferred with different arrow types (e.g. one column all-null)
+        rejected = rejected.cast(chosen.features)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"chosen/rejected types differ ({err}); make both text or both message lists.") from None
+    # Concatenate then reorder through an index map: no per-row Python copies of the text.
+    order = np.empty(2 * n, dtype=np.int64)
+    perm = np.random.default_rng(seed).permutation(n)
+    order[0::2], order[1::2] = perm, perm + n
+    return datasets.concatenate_datasets([chosen, rejected]).select(order)
+
+
+def subsample_class(
+    dataset: Dataset, desirable_fraction: float = 1.0, undesirable_fraction: float = 1.0, seed: int = 0
+) -> Dataset:
+    """Keep a seeded random `fraction` of each class (row order preserved), for the KTO paper's imbalance ablations.
+
+    The kept count is `floor(fraction * n + 0.5)` (round half up) per class; a class left with 0 rows is an error.
+    """
+    _check_fraction("desirable_fraction", desirable_fraction)
+    _check_fraction("undesirable_fraction", undesirable_fraction)
+    count_labels(dataset)  # validates the label column
+    labels = np.asarray(_plain(dataset)["label"], dtype=bool)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for flag, fraction in ((True, desirable_fraction), (False, undesirable_fraction)):
+        name = "desirable" if flag else "undesirable"
+        idx = np.flatnonzero(labels == flag)
+        k = math.floor(fraction * len(idx) + 0.5)
+        if k == 0:
+            msg = f"{name}_fraction={fraction} leaves 0 of {len(idx)} {name} rows; KTO needs both labels."
+            raise ValueError(f"{msg} Raise {name}_fraction or add {name} examples.")
+        keep.append(idx if k == len(idx) else rng.choice(idx, size=k, replace=False))
+    return dataset.select(np.sort(np.concatenate(keep)))
+
+
+def _rename(dataset: Dataset, mapping: dict[str, str]) -> tuple[Dataset, dict[str, str]]:
+    cols = dataset.column_names
+    renames, wanted = {}, {}
+    for target, source in mapping.items():
+        if source == target:
+            continue
+        wanted[target] = source
+        if target in cols:  # silently using the default-named column instead would train on the wrong data
+            state = "also exists" if source in cols else "is missing"
+            raise ValueError(f"{target}_column={source!r} but {source!r} {state} and {target!r} exists; drop one.")
+        if source in cols:
+            renames[source] = target
+    return (dataset.rename_columns(renames) if renames else dataset), wanted
+
+
+def prepare_unpaired(
+    dataset: Dataset,
+    *,
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    label_column: str = "label",
+    chosen_column: str = "chosen",
+    rejected_column: str = "rejected",
+    desirable_fraction: float = 1.0,
+    undesirable_fraction: float = 1.0,
+    seed: int = 0,
+) -> Dataset:
+    """Map columns to prompt/completion/label, unpair paired data, normalise labels, validate, and subsample classes.
+
+    Accepts unpaired rows (prompt, completion, label) or paired rows (prompt, chosen, rejected; a conversational pair
+    with the prompt inside chosen/rejected is split by TRL's `maybe_extract_prompt`). Extra columns are kept.
+    """
+    dataset = _check_dataset(dataset)
+    _check_fraction("desirable_fraction", desirable_fraction)
+    _check_fraction("undesirable_fraction", undesirable_fraction)
+    names = ("prompt", "completion", "label", "chosen", "rejected")
+    mapping = dict(zip(names, (prompt_column, completion_column, label_column, chosen_column, rejected_column)))
+    dataset, wanted = _rename(dataset, mapping)
+    cols = set(dataset.column_names)
+    if len(dataset) == 0:
+        raise ValueError(f"The dataset has 0 rows (columns: {dataset.column_names}); load a file/split with data.")
+
+    paired = not {"completion", "label"} <= cols and {"chosen", "rejected"} <= cols
+    if paired and "prompt" not in cols and isinstance(_plain(dataset)[0]["chosen"], list):
+        from trl.data_utils import maybe_extract_prompt  # lazy: importing trl is slow
+
+        dataset = dataset.map(maybe_extract_prompt, desc="Extracting prompts")
+        cols = set(dataset.column_names)
+    needed = ["prompt", "chosen", "rejected"] if paired else ["prompt", "completion", "label"]
+    missing = [c for c in needed if c not in cols]
+    if missing:
+        looked = ", ".join(f"{c} (looked for column {wanted[c]!r})" if c in wanted else c for c in missing)
+        hint = " or ".join(f"{c}_column=<your column>" for c in missing)
+        raise ValueError(
+            f"Missing column(s): {looked}. Columns present: {sorted(cols)}. Map yours by passing {hint}. Accepted "
+            "layouts: unpaired (prompt, completion, label) or paired (prompt, chosen, rejected)."
+        )
+
+    _check_text_columns(dataset, needed[:2] if not paired else needed)
+    if paired:
+        dataset = unpair_paired_dataset(dataset, seed=seed)
+    elif dataset.features["label"] != Value("bool") or dataset.data.column("label").null_count:
+        labels = [normalize_label(v, row) for row, v in enumerate(_plain(dataset)["label"])]
+        order = dataset.column_names  # add_column appends at the end; restore the user's column order
+        dataset = dataset.remove_columns("label").add_column("label", labels, feature=Value("bool"))
+        dataset = dataset.select_columns(order)
+
+    if desirable_fraction < 1 or undesirable_fraction < 1:
+        dataset = subsample_class(dataset, desirable_fraction, undesirable_fraction, seed=seed)
+    n_des, n_und = count_labels(dataset)
+    if n_des == 0 or n_und == 0:
+        # Fine for an eval set, but training needs both classes (and auto loss aversion divides by their counts).
+        warnings.warn(f"Only one label present ({n_des} desirable, {n_und} undesirable).", stacklevel=2)
+    return dataset
+
+
+def _json_error(path: Path) -> str | None:
+    """Locate the first bad line of a JSON / JSON Lines file (pyarrow's message has no line number)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as err:
+        if path.suffix == ".json" and not (err.msg == "Extra data" and "\n" in text[: err.pos]):
+            return f"line {err.lineno}, column {err.colno}: {err.msg}"
+    for lineno, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {lineno}: {err.msg} (column {err.colno})"
+    return None
+
+
+def _parse_error(path: Path, err: BaseException) -> ValueError:
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    detail = f"{type(root).__name__}: {str(root).strip()}"
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    for file in files:
+        if file.is_file() and file.suffix in (".json", ".jsonl") and (where := _json_error(file)):
+            return ValueError(f"Malformed JSON in {file} at {where}. Fix that line and reload.")
+    return ValueError(f"Could not parse {path} ({detail}). Fix the file and reload.")
+
+
+def _load(builder: str | Path, source: str, split: str, **kwargs: Any) -> Dataset:
+    try:
+        return datasets.load_dataset(str(builder), split=split, **kwargs)
+    except ValueError as err:
+        if "Unknown split" in str(err):
+            raise ValueError(f"Split {split!r} not found in {source!r}: {err} Pass split=<one of them>.") from None
+        raise
+
+
+def load_unpaired_dataset(
+    dataset_name: str,
+    *,
+    split: str = "train",
+    dataset_config: str | None = None,
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    label_column: str = "label",
+    chosen_column: str = "chosen",
+    rejected_column: str = "rejected",
+    desirable_fraction: float = 1.0,
+    undesirable_fraction: float = 1.0,
+    seed: int = 0,
+) -> Dataset:
+    """Load `dataset_name` and return it through [`prepare_unpaired`].
+
+    `dataset_name` is a local .jsonl/.json/.csv/.parquet file, a folder of such files, a folder written by
+    `save_to_disk`, or else a Hub id. A missing path is reported as such when it has a file suffix, starts with
+    '/', '.', '~', or has more than one '/'; a plain "org/name" that does not exist locally is treated as a Hub id.
+    """
+    # Every keyword after dataset_config is passed on unchanged; collect them before any other local exists.
+    options = {k: v for k, v in locals().items() if k not in ("dataset_name", "split", "dataset_config")}
+    path = Path(dataset_name).expanduser()
+    suffix = path.suffix.lower()
+    looks_local = suffix in _BUILDERS or suffix in _OTHER_FILE_SUFFIXES or dataset_name.startswith(("/", ".", "~"))
+    looks_local |= dataset_name.count("/") > 1 or (os.sep != "/" and os.sep in dataset_name)
+    try:
+        if path.is_file():
+            if suffix not in _BUILDERS:
+                raise ValueError(f"Unsupported file type {suffix or '(none)'!r} for {path}; convert it to {_FORMATS}.")
+            dataset = _load(_BUILDERS[suffix], dataset_name, split, data_files=str(path))
+        elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"Split {split!r} not in {path}; pass split= one of {sorted(loaded)}.")
+                loaded = loaded[split]
+            elif split != "train":
+                raise ValueError(f"{path} holds a single Dataset without splits; pass split='train' (got {split!r}).")
+            dataset = loaded
+        elif path.is_dir():
+            dataset = _load(path, dataset_name, split)
+        elif looks_local:
+            raise FileNotFoundError(f"No such file or folder: {path}. Give a {_FORMATS} file or a dataset folder.")
+        else:
+            dataset = _load(dataset_name, dataset_name, split, name=dataset_config)
+    except datasets.exceptions.DatasetGenerationError as err:
+        raise _parse_error(path, err) from None
+    except (datasets.exceptions.DatasetNotFoundError, ConnectionError) as err:
+        raise FileNotFoundError(
+            f"{dataset_name!r} is not a local path and could not be loaded from the Hub ({err}). Check the spelling, "
+            "your network / HF_TOKEN, or pass a local .jsonl/.json/.csv/.parquet file."
+        ) from None
+    return prepare_unpaired(dataset, **options)
+
+
+def train_eval_split(dataset: Dataset, eval_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Hold out about `eval_fraction` of the rows, keeping every row of one prompt on the same side (unseen prompts).
+
+    Whole prompt groups, in seeded random order, go to eval until it holds at least round(eval_fraction * n) rows;
+    at least one group always stays in train. Row order is preserved within each side.
+    """
+    dataset = _check_dataset(dataset)
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}.")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"No 'prompt' column (columns: {dataset.column_names}); run prepare_unpaired() first.")
+    groups: dict[str, list[int]] = {}
+    for row, prompt in enumerate(_plain(dataset)["prompt"]):
+        # Conversational prompts are lists of dicts (unhashable): key them by their canonical JSON.
+        key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        groups.setdefault(key, []).append(row)
+    if len(groups) < 2:
+        raise ValueError(f"Cannot split by prompt: all {len(dataset)} rows share one prompt; need 2 or more.")
+    members = list(groups.values())
+    target = max(1, round(eval_fraction * len(dataset)))
+    eval_rows: list[int] = []
+    for g in np.random.default_rng(seed).permutation(len(members))[:-1]:  # never move the last group
+        if len(eval_rows) >= target:
+            break
+        eval_rows.extend(members[g])
+    eval_set = set(eval_rows)
+    train_rows = [i for i in range(len(dataset)) if i not in eval_set]
+    return dataset.select(train_rows), dataset.select(sorted(eval_rows))
