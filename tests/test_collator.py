@@ -82,7 +82,7 @@ def test_paired_data_side_by_side_never_pairs_a_prompt_with_its_own_answers():
             examples.append({"prompt_ids": prompt, "completion_ids": [301 + 2 * p], "label": False})
         rng.shuffle(examples)
         batch = collator(examples)
-        for i, (kl_prompt, kl_completion) in enumerate(split_rows(batch["KL_input_ids"], batch["KL_completion_mask"])):
+        for i, (_, kl_completion) in enumerate(split_rows(batch["KL_input_ids"], batch["KL_completion_mask"])):
             partner = owner_of(kl_completion, examples)[0]
             assert examples[partner]["prompt_ids"] != examples[i]["prompt_ids"]
 

@@ -20,7 +20,17 @@ _LAZY = {
     "LossAversion": "trl_kto_ext.loss_aversion",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [
+    "KTOExtCollator",
+    "KTOExtConfig",
+    "KTOExtTrainer",
+    "KTOLossMetrics",
+    "KTOLossOutput",
+    "LossAversion",
+    "__version__",
+    "kto_loss",
+    "resolve_loss_aversion",
+]
 
 if TYPE_CHECKING:
     from .collator import KTOExtCollator
