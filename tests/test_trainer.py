@@ -191,3 +191,82 @@ def test_non_boolean_labels_are_a_clear_error(small_model, tiny_tokenizer, tmp_p
         KTOExtTrainer(
             model=small_model, args=cpu_args(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer
         )
+
+
+def sequence_logps(model, ids, attention_mask, completion_mask):
+    """Summed completion log-probs from a plain forward (full logits, float64): independent of the trainer."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention_mask).logits.double()
+    token_logps = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (token_logps * completion_mask[:, 1:]).sum(-1)
+
+
+@pytest.mark.parametrize(
+    "precompute,kl_pairing,kl_subset_size",
+    [
+        (False, "batch", None),
+        (True, "batch", None),
+        (True, "dataset", None),
+        (False, "dataset", 2),
+        (True, "batch", 3),
+    ],
+)
+def test_loss_matches_independent_computation(
+    small_model, tiny_tokenizer, tmp_path, precompute, kl_pairing, kl_subset_size
+):
+    from test_loss import reference_kto
+
+    initial = copy.deepcopy(small_model)
+    trainer = KTOExtTrainer(
+        model=small_model,
+        args=cpu_args(
+            tmp_path,
+            per_device_train_batch_size=6,
+            precompute_ref_log_probs=precompute,
+            kl_pairing=kl_pairing,
+            kl_subset_size=kl_subset_size,
+            beta=0.5,
+        ),
+        train_dataset=make_kto_dataset(30, seed=10, desirable_ratio=0.3),
+        processing_class=tiny_tokenizer,
+    )
+    assert (trainer.ref_model is None) == (precompute and kl_pairing == "dataset")
+    perturb_(trainer.model, scale=0.1, seed=1)  # the policy moves; the reference must not
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert ("ref_KL_logps" in batch) == (precompute and kl_pairing == "dataset")
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+
+    k = kl_subset_size or batch["KL_input_ids"].size(0)
+    kl = [batch[f"KL_{name}"][:k] for name in ("input_ids", "attention_mask", "completion_mask")]
+    target = [batch[name] for name in ("input_ids", "attention_mask", "completion_mask")]
+    lam_d = trainer.loss_aversion.desirable_weight
+    expected, z0, _ = reference_kto(
+        sequence_logps(trainer.model, *target).tolist(),
+        sequence_logps(initial, *target).tolist(),
+        sequence_logps(trainer.model, *kl).tolist(),
+        sequence_logps(initial, *kl).tolist(),
+        batch["label"].tolist(),
+        0.5,
+        lam_d,
+        1.0,
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert trainer._metrics["train"]["kl"][-1] == pytest.approx(z0, rel=1e-4, abs=1e-5)
+    assert trainer._metrics["train"]["kl_rows"][-1] == k
+
+
+def test_dataset_pairing_never_pairs_a_prompt_with_itself(small_model, tiny_tokenizer, tmp_path):
+    trainer = KTOExtTrainer(
+        model=small_model,
+        args=cpu_args(tmp_path, kl_pairing="dataset"),
+        train_dataset=make_kto_dataset(200, seed=11),
+        processing_class=tiny_tokenizer,
+    )
+    rows = trainer.train_dataset
+    by_completion = {}
+    for r in rows:
+        by_completion.setdefault(tuple(r["completion_ids"]), set()).add(tuple(r["prompt_ids"]))
+    for r in rows:
+        owners = by_completion[tuple(r["KL_completion_ids"])]
+        assert owners - {tuple(r["prompt_ids"])}, "the KL completion must be written for another prompt"

@@ -35,6 +35,8 @@ class KTOExtCollator(DataCollatorForUnpairedPreference):
         fallback_dataset: rows with `prompt_ids` / `completion_ids` to draw from when the batch and the history have
             no other prompt (the trainer passes its tokenized training set).
         history_size: number of recent (prompt, completion) rows kept for that purpose.
+        use_dataset_pairing: keep the `KL_completion_ids` (and `ref_KL_logps`) that examples already carry, from a
+            pairing fixed over the dataset (`kl_pairing="dataset"`); rows without them are paired in the batch.
 
     Example:
     ```python
@@ -58,13 +60,16 @@ class KTOExtCollator(DataCollatorForUnpairedPreference):
     build_kl: bool = True
     fallback_dataset: Any = field(default=None, repr=False)
     history_size: int = 256
+    use_dataset_pairing: bool = False
 
     def __post_init__(self):
         self._rng = random.Random(self.seed)
         self._history: deque[tuple[tuple[int, ...], list[int]]] = deque(maxlen=self.history_size)
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        # Cached reference log-probs of KL rows belong to another pairing: never let them through.
+        if self.use_dataset_pairing and all("KL_completion_ids" in ex for ex in examples):
+            return super().torch_call(examples)
+        # KL completions (and their cached reference log-probs) from elsewhere belong to another pairing: drop them.
         examples = [{k: v for k, v in ex.items() if k not in ("KL_completion_ids", "ref_KL_logps")} for ex in examples]
         if self.build_kl:
             kl_completions = self.kl_completions(examples)

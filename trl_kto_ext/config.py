@@ -37,6 +37,11 @@ class KTOExtConfig(KTOConfig):
             Target of lambda_D * n_D / (lambda_U * n_U) in `"auto"` mode; must lie in [1, 4/3] (paper, Eq. 8).
         kl_pairing_seed (`int` or `None`, defaults to `None`):
             Seed of the random mismatched pairing used for the KL rows; `None` uses `seed`.
+        kl_pairing (`str`, defaults to `"batch"`):
+            `"batch"` pairs inside each collated batch; `"dataset"` fixes one pairing over the training set so the
+            KL rows' reference log-probs can be cached with `precompute_ref_log_probs`.
+        kl_subset_size (`int` or `None`, defaults to `None`):
+            Number of KL rows per batch used to estimate z0 (all when None).
     """
 
     train_sampling_strategy: str = field(
@@ -68,6 +73,24 @@ class KTOExtConfig(KTOConfig):
         metadata={"help": "Seed of the random mismatched (prompt, completion) pairing of the KL rows. None: `seed`."},
     )
 
+    kl_pairing: str = field(
+        default="batch",
+        metadata={
+            "help": "Where the KL rows' mismatched completions come from. 'batch': a fresh random pairing inside each "
+            "collated batch (the paper's estimator). 'dataset': one seeded random pairing of every training row with "
+            "a row of another prompt, fixed for the run, so that with precompute_ref_log_probs the reference "
+            "log-probs of the KL rows are cached too (one forward fewer per step).",
+            "choices": ["batch", "dataset"],
+        },
+    )
+    kl_subset_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Estimate z0 from only this many KL rows of each batch (None: all of them). Fewer rows make the "
+            "no-gradient KL passes cheaper but the estimate noisier; logged as `kl_rows`. Off by default."
+        },
+    )
+
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on whenever it is unset, which makes a plain `KTOConfig(output_dir=...)` fail on a machine
@@ -97,5 +120,9 @@ class KTOExtConfig(KTOConfig):
                 stacklevel=3,
             )
             self.loss_aversion = "manual"
+        if self.kl_pairing not in ("batch", "dataset"):
+            raise ValueError(f"`kl_pairing` must be 'batch' or 'dataset', got {self.kl_pairing!r}.")
+        if self.kl_subset_size is not None and int(self.kl_subset_size) < 1:
+            raise ValueError(f"`kl_subset_size` must be a positive number of rows or None, got {self.kl_subset_size}.")
         if self.beta <= 0:
             raise ValueError(f"`beta` must be positive, got {self.beta}.")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
+from datasets import IterableDataset
+
 from .config import LOSS_AVERSION_RANGE
 
 
@@ -73,3 +75,27 @@ def resolve_loss_aversion(
             stacklevel=2,
         )
     return result
+
+
+def count_raw_labels(dataset) -> tuple[int, int] | None:
+    """(n_desirable, n_undesirable) of a training set in unpaired or paired form; None for an IterableDataset."""
+    if isinstance(dataset, IterableDataset):
+        return None
+    columns = set(dataset.column_names)
+    if "label" in columns:
+        labels = list(dataset["label"])
+        for row, value in enumerate(labels):
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"Row {row} has label {value!r} ({type(value).__name__}); KTO labels must be booleans "
+                    "(True = desirable, False = undesirable). Convert the column first, e.g. with "
+                    "`trl_kto_ext.data.prepare_unpaired(dataset)`, which accepts 0/1, 'good'/'bad', 'up'/'down', ..."
+                )
+        n_desirable = sum(labels)
+        return n_desirable, len(labels) - n_desirable
+    if {"chosen", "rejected"} <= columns:
+        return len(dataset), len(dataset)
+    raise ValueError(
+        f"The training set has columns {sorted(columns)}; KTO needs `prompt`, `completion` and `label` (unpaired) or "
+        "`prompt`, `chosen` and `rejected` (paired). Rename the columns, e.g. with `dataset.rename_column(...)`."
+    )

@@ -11,16 +11,18 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from transformers import Trainer, TrainerCallback
 from trl import KTOConfig, KTOTrainer
+from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .collator import KTOExtCollator
 from .config import KTOExtConfig
 from .loss import apo_zero_unpaired_loss, kto_loss
-from .loss_aversion import LossAversion, resolve_loss_aversion
+from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
+from .pairing import add_dataset_kl_pairing
 
 PAIRING_STATE_FILE = "kl_pairing_state.json"
 # Keys of a collated batch that are not model inputs.
@@ -74,6 +76,7 @@ class KTOExtTrainer(KTOTrainer):
             # is wrong for one changed since loading (e.g. after SFT in the same notebook): copy the model as given.
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.loss_aversion: LossAversion | None = None
+        self._uses_kl = args.loss_type != "apo_zero_unpaired"
         user_collator = data_collator
         # TRL fixes KL completions while tokenizing and therefore refuses shuffled samplers and batches of one. This
         # trainer pairs at collation time, so TRL's set-up runs as for a loss without a KL term (which skips its
@@ -81,16 +84,25 @@ class KTOExtTrainer(KTOTrainer):
         with _loss_type_during_setup(args, "apo_zero_unpaired"):
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         self.loss_type = args.loss_type
-        self.calculate_KL = args.loss_type != "apo_zero_unpaired"
+        self.calculate_KL = self._uses_kl
         if user_collator is None and not self._is_vision_dataset:
             self.data_collator = KTOExtCollator(
                 pad_token_id=self._tokenizer.pad_token_id,
                 max_length=args.max_length,
                 pad_to_multiple_of=args.pad_to_multiple_of,
-                seed=args.kl_pairing_seed if args.kl_pairing_seed is not None else args.seed,
+                seed=_pairing_seed(args),
                 build_kl=self.calculate_KL,
                 fallback_dataset=self.train_dataset if isinstance(self.train_dataset, Dataset) else None,
+                use_dataset_pairing=args.kl_pairing == "dataset",
             )
+        if self.ref_model is None and self._kl_reference_needed_per_step() and not is_peft_model(self.model):
+            # TRL frees the reference once it is cached; the KL rows of a per-batch pairing still need it each step.
+            # Nothing has trained yet, so a copy of the policy is the reference.
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if self.is_deepspeed_enabled:
+                self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
+            else:
+                self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.add_callback(_LossAversionReport(self))
 
@@ -98,15 +110,23 @@ class KTOExtTrainer(KTOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if dataset_name == "train":
             self._set_loss_aversion(dataset, args)
-        # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids`.
+        # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids` (its rotation
+        # within fixed blocks needs the sequential sampler).
         with _attribute(self, "calculate_KL", False):
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
+            dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
+        return dataset
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        # Only the target rows' reference log-probs are cached: the KL rows change with every pairing, so their
-        # reference log-probs are computed per step.
-        with _attribute(self, "calculate_KL", False):
+        # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
+        # Otherwise only the targets' are: the KL rows change with every batch, so theirs are computed per step.
+        cache_kl = self._uses_kl and "KL_completion_ids" in dataset.column_names
+        with _attribute(self, "calculate_KL", cache_kl):
             return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _kl_reference_needed_per_step(self) -> bool:
+        return self._uses_kl and self.precompute_ref_logps and self.args.kl_pairing == "batch"
 
     def _set_loss_aversion(self, dataset, args) -> None:
         counts = count_raw_labels(dataset)
@@ -130,6 +150,8 @@ class KTOExtTrainer(KTOTrainer):
         mode = "train" if self.model.training else "eval"
         batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         labels = batch["label"].bool()
+        if self.calculate_KL and self.args.kl_subset_size is not None:
+            batch = _keep_kl_rows(batch, self.args.kl_subset_size)
         outputs = self._policy_forward(model, batch)
         logps = SequenceLogps(
             policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
@@ -197,6 +219,8 @@ class KTOExtTrainer(KTOTrainer):
         return per_token[:, -(batch["input_ids"].size(1) - 1) :].sum(-1)
 
     def _reference_kl_logps(self, batch) -> torch.Tensor:
+        if "ref_KL_logps" in batch:
+            return batch["ref_KL_logps"].to(self.accelerator.device)
         with self._reference() as ref:
             return self._compute_kl_logps(ref, batch)
 
@@ -242,6 +266,7 @@ class KTOExtTrainer(KTOTrainer):
         m["kl"].append(metrics.kl.item())
         if self.calculate_KL:
             m["kl_raw"].append(metrics.kl_raw.item())
+            m["kl_rows"].append(logps.kl_policy.numel())
         m["count/desirable"].append(n_chosen)
         m["count/undesirable"].append(n_rejected)
         if tokens > 0:
@@ -297,33 +322,28 @@ class KTOExtTrainer(KTOTrainer):
                 self.data_collator.load_state_dict(json.load(f))
 
 
-def count_raw_labels(dataset) -> tuple[int, int] | None:
-    """(n_desirable, n_undesirable) of a training set in unpaired or paired form; None for an IterableDataset."""
-    if isinstance(dataset, IterableDataset):
-        return None
-    columns = set(dataset.column_names)
-    if "label" in columns:
-        labels = list(dataset["label"])
-        for row, value in enumerate(labels):
-            if not isinstance(value, bool):
-                raise ValueError(
-                    f"Row {row} has label {value!r} ({type(value).__name__}); KTO labels must be booleans "
-                    "(True = desirable, False = undesirable). Convert the column first, e.g. with "
-                    "`trl_kto_ext.data.prepare_unpaired(dataset)`, which accepts 0/1, 'good'/'bad', 'up'/'down', ..."
-                )
-        n_desirable = sum(labels)
-        return n_desirable, len(labels) - n_desirable
-    if {"chosen", "rejected"} <= columns:
-        return len(dataset), len(dataset)
-    raise ValueError(
-        f"The training set has columns {sorted(columns)}; KTO needs `prompt`, `completion` and `label` (unpaired) or "
-        "`prompt`, `chosen` and `rejected` (paired). Rename the columns, e.g. with `dataset.rename_column(...)`."
-    )
+def _keep_kl_rows(batch: dict[str, Any], n_rows: int) -> dict[str, Any]:
+    """The batch with only its first `n_rows` KL rows (random rows: the pairing is random), padding trimmed."""
+    if batch["KL_input_ids"].size(0) <= n_rows:
+        return batch
+    batch = dict(batch)
+    width = int(batch["KL_attention_mask"][:n_rows].sum(-1).max())  # right padding: trailing columns are padding
+    for key in ("KL_input_ids", "KL_attention_mask", "KL_completion_mask"):
+        batch[key] = batch[key][:n_rows, :width]
+    if "ref_KL_logps" in batch:
+        batch["ref_KL_logps"] = batch["ref_KL_logps"][:n_rows]
+    return batch
+
+
+def _pairing_seed(args) -> int:
+    return args.kl_pairing_seed if args.kl_pairing_seed is not None else args.seed
 
 
 def _needs_reference_copy(model, args, peft_config) -> bool:
-    if isinstance(model, str) or peft_config is not None or is_peft_model(model) or args.precompute_ref_log_probs:
+    if isinstance(model, str) or peft_config is not None or is_peft_model(model):
         return False
+    if args.precompute_ref_log_probs and (args.kl_pairing == "dataset" or args.loss_type == "apo_zero_unpaired"):
+        return False  # every reference log-prob is cached before training: no reference model is kept
     return not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
