@@ -42,6 +42,9 @@ class KTOExtConfig(KTOConfig):
             KL rows' reference log-probs can be cached with `precompute_ref_log_probs`.
         kl_subset_size (`int` or `None`, defaults to `None`):
             Number of KL rows per batch used to estimate z0 (all when None).
+        on_nonfinite_loss (`str`, defaults to `"raise"`):
+            `"raise"` stops at a NaN/inf training loss with a message naming the step; `"skip"` gives that step a zero
+            gradient and counts it in the `skipped/nonfinite_steps` metric.
     """
 
     train_sampling_strategy: str = field(
@@ -90,6 +93,15 @@ class KTOExtConfig(KTOConfig):
             "no-gradient KL passes cheaper but the estimate noisier; logged as `kl_rows`. Off by default."
         },
     )
+    on_nonfinite_loss: str = field(
+        default="raise",
+        metadata={
+            "help": "What a NaN/inf training loss does. 'raise': stop with an error naming the step and the likely "
+            "causes. 'skip': the step gets a zero gradient (weights never take NaN/inf), is counted in the "
+            "`skipped/nonfinite_steps` metric, and training goes on.",
+            "choices": ["raise", "skip"],
+        },
+    )
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
@@ -126,3 +138,5 @@ class KTOExtConfig(KTOConfig):
             raise ValueError(f"`kl_subset_size` must be a positive number of rows or None, got {self.kl_subset_size}.")
         if self.beta <= 0:
             raise ValueError(f"`beta` must be positive, got {self.beta}.")
+        if self.on_nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"`on_nonfinite_loss` must be 'raise' or 'skip', got {self.on_nonfinite_loss!r}.")

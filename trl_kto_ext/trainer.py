@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
 from collections import defaultdict
 from typing import Any, NamedTuple
 
@@ -18,13 +16,14 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from . import validation
 from .collator import KTOExtCollator
 from .config import KTOExtConfig
 from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
 from .pairing import add_dataset_kl_pairing
 
-PAIRING_STATE_FILE = "kl_pairing_state.json"
+PAIRING_STATE_FILE = validation.PAIRING_STATE_FILE  # written into each checkpoint by `_save_rng_state`
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
     "completion_mask",
@@ -71,6 +70,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
         args = _as_ext_config(args, model)
+        self._vocab_rows = validation.check_before_setup(model, args, kwargs)  # empty train set, pad token
         if ref_model is None and _needs_reference_copy(model, args, kwargs.get("peft_config")):
             # TRL reloads the reference from `model.config._name_or_path`, which fails for a model built in memory and
             # is wrong for one changed since loading (e.g. after SFT in the same notebook): copy the model as given.
@@ -108,12 +108,15 @@ class KTOExtTrainer(KTOTrainer):
 
     # ----------------------------------------------------------------------------------------------- data set-up
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        validation.check_dataset(dataset, processing_class, dataset_name)
         if dataset_name == "train":
             self._set_loss_aversion(dataset, args)
         # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids` (its rotation
-        # within fixed blocks needs the sequential sampler).
-        with _attribute(self, "calculate_KL", False):
+        # within fixed blocks needs the sequential sampler). Rows whose prompt fills max_length are dropped by
+        # `check_tokenized`, which logs how many (TRL drops them silently).
+        with _attribute(self, "calculate_KL", False), _attribute(args, "max_length", None):
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        dataset = validation.check_tokenized(dataset, args.max_length, dataset_name, self._vocab_rows, self._tokenizer)
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
             dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
         return dataset
@@ -175,11 +178,13 @@ class KTOExtTrainer(KTOTrainer):
                 undesirable_weight=self.undesirable_weight,
                 reference_point=self._global_reference_point(logps.kl_policy - logps.kl_reference),
             )
-        self._record_metrics(mode, batch, labels, logps, outputs, result.metrics)
         loss = result.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        loss, record = validation.guard_loss(self, mode, batch, loss)  # a batch without completion tokens, NaN/inf
+        if record:
+            self._record_metrics(mode, batch, labels, logps, outputs, result.metrics)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**self._model_kwargs(batch))
@@ -290,9 +295,9 @@ class KTOExtTrainer(KTOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        # Row counts add up over the logging window; every other metric is averaged.
+        # Row counts and skipped steps add up over the logging window; every other metric is averaged.
         metrics = {
-            key: (sum(values) if key.startswith("count/") else sum(values) / len(values))
+            key: (sum(values) if key.startswith(("count/", "skipped/")) else sum(values) / len(values))
             for key, values in self._metrics[mode].items()
             if values
         }
@@ -308,18 +313,22 @@ class KTOExtTrainer(KTOTrainer):
         self._metrics[mode].clear()
 
     # ---------------------------------------------------------------------------------------- resume the pairing
+    def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
+        with _attribute(self, "data_collator", validation.collator_for_dataloader(self, is_training)):
+            return super()._get_dataloader(*args, is_training=is_training, **kwargs)
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        validation.after_training_step(self)  # that batch is consumed; a skipped step's gradients are discarded
+        return loss
+
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        if isinstance(self.data_collator, KTOExtCollator) and self.args.should_save:
-            with open(os.path.join(output_dir, PAIRING_STATE_FILE), "w") as f:
-                json.dump(self.data_collator.state_dict(), f)
+        validation.save_pairing_state(self, output_dir)  # the state before the first batch not yet trained on
 
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        path = os.path.join(checkpoint, PAIRING_STATE_FILE) if checkpoint else None
-        if path and os.path.isfile(path) and isinstance(self.data_collator, KTOExtCollator):
-            with open(path) as f:
-                self.data_collator.load_state_dict(json.load(f))
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        validation.load_pairing_state(self, checkpoint)  # before the resumed run collates its first batch
 
 
 def _keep_kl_rows(batch: dict[str, Any], n_rows: int) -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""Worker of test_distributed.py, launched as `torchrun --standalone --nproc_per_node 2 distributed_worker.py OUT.json`.
+
+Each process builds the same trainer (same seed: same weights, same data), computes `compute_loss` on its share of
+one fixed global batch (rows 0-4 on rank 0, rows 5-7 on rank 1: uneven on purpose, so that z0 must be weighted by
+the KL row counts), then trains two DDP steps. Rank 0 writes what both processes saw to OUT.json.
+
+The same functions build the single-process reference in the test, so both sides see the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest.cpu_args
+
+ROWS = 8
+SPLIT = 5  # rank 0 gets rows [0, 5), rank 1 rows [5, 8)
+
+
+def build_trainer(output_dir, **overrides):
+    from conftest import cpu_args
+
+    from trl_kto_ext import KTOExtTrainer
+    from trl_kto_ext.tiny import build_model, build_tokenizer, make_kto_dataset
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    args = cpu_args(output_dir, per_device_train_batch_size=4, max_steps=2, beta=0.5, **overrides)
+    # 30 rows, 9 desirable: lambda_D = 21 / 9 from the counts of the whole set, on every process.
+    dataset = make_kto_dataset(30, seed=12, desirable_ratio=0.3)
+    trainer = KTOExtTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # move the reference away from the policy, identically on every process: z0 > 0
+        for parameter in trainer.ref_model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return trainer
+
+
+def fixed_examples(trainer):
+    """The global batch: 8 tokenized rows, each with an explicit KL completion (that of row i + 3)."""
+    rows = [trainer.train_dataset[i] for i in range(ROWS)]
+    return [
+        {
+            "prompt_ids": row["prompt_ids"],
+            "completion_ids": row["completion_ids"],
+            "label": row["label"],
+            "KL_completion_ids": rows[(i + 3) % ROWS]["completion_ids"],
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
+def loss_and_z0(trainer, examples):
+    """`compute_loss` on `examples` (collated by TRL's collator: the KL rows are the given ones) and z0 before the
+    clamp, as logged (`kl_raw`)."""
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    batch = DataCollatorForUnpairedPreference(pad_token_id=trainer._tokenizer.pad_token_id)(examples)
+    trainer.model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    return loss.item(), trainer._metrics["train"]["kl_raw"][-1]
+
+
+def main(out_path):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two processes on two cores
+    trainer = build_trainer(os.path.join(os.path.dirname(out_path), "run"))
+    rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    examples = fixed_examples(trainer)
+    mine = examples[:SPLIT] if rank == 0 else examples[SPLIT:]
+    loss, z0 = loss_and_z0(trainer, mine)
+    local = {
+        "rank": rank,
+        "world_size": world,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "rows": len(mine),
+        "loss": loss,
+        "z0": z0,
+        "lambda_D": trainer.desirable_weight,
+        "lambda_U": trainer.undesirable_weight,
+        "n_desirable": trainer.loss_aversion.n_desirable,
+        "n_undesirable": trainer.loss_aversion.n_undesirable,
+    }
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
+
+    # Two DDP training steps over the shuffled, sharded training set: the collectives of every step line up.
+    trainer._metrics["train"].clear()
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"ranks": gathered, "train_logs": logs}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,524 @@
+"""Checks and safeguards of KTOExtTrainer: bad input is reported (row, problem and fix) before training starts, and
+the training loop neither crashes nor trains on NaN when a step has no completion token or a non-finite loss.
+
+Dataset checks run on the raw rows (columns, label types, empty or malformed text, chat template) and on the
+tokenized rows (empty completions, token ids the model has no embedding for, rows dropped or truncated by
+`max_length`). The step guards skip (and count) batches without any completion token and handle a non-finite loss
+as `KTOExtConfig.on_nonfinite_loss` says. The last section keeps the KL pairing exact across `resume_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import warnings
+from collections import deque
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset, IterableDataset
+
+from .collator import KTOExtCollator
+
+logger = logging.getLogger(__name__)
+
+PAIRING_STATE_FILE = "kl_pairing_state.json"
+_SHOWN_ROWS = 5  # rows listed in a message
+_STREAM_SAMPLE = 64  # rows of an IterableDataset checked (it cannot be scanned without consuming it)
+_UNPAIRED = ("prompt", "completion", "label")
+_LAYOUTS = "`prompt`, `completion`, `label` (unpaired) or `prompt`, `chosen`, `rejected` (paired)"
+_LABEL_HINT = (
+    "KTO labels must be booleans (True = desirable, False = undesirable). Fix or drop that row, or convert the column "
+    "with `trl_kto_ext.data.prepare_unpaired(dataset)`, which maps 0/1, 'good'/'bad', 'up'/'down', ... to booleans "
+    "and names any value it cannot map."
+)
+_MESSAGES_HINT = (
+    "Conversational rows must be lists of {'role': ..., 'content': ...} dicts, e.g. "
+    "[{'role': 'user', 'content': 'What is 2+2?'}]; fix that row or give plain text instead."
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a training step's loss is NaN or infinite and `on_nonfinite_loss="raise"`."""
+
+
+# ------------------------------------------------------------------------------------------------ before set-up
+def check_before_setup(model, args, trainer_kwargs: dict[str, Any]) -> int | None:
+    """Checks run before TRL's set-up touches the data; returns the model's number of input embedding rows."""
+    if trainer_kwargs.get("train_dataset") is not None:
+        check_not_empty(trainer_kwargs["train_dataset"], "train")
+    ensure_pad_token(trainer_kwargs.get("processing_class"))
+    return embedding_rows(model, args)
+
+
+def check_not_empty(dataset, name: str) -> None:
+    if isinstance(dataset, Dataset):
+        empty = len(dataset) == 0
+    elif isinstance(dataset, IterableDataset):
+        empty = next(iter(dataset), None) is None
+    else:
+        return  # TRL reports other types
+    if empty:
+        raise ValueError(
+            f"The {name} dataset has 0 rows: there is nothing to {'train' if name == 'train' else 'evaluate'} on. "
+            "Check the file or split that was loaded and any filtering applied before creating the trainer."
+        )
+
+
+def ensure_pad_token(processing_class) -> None:
+    """Pads with EOS when the tokenizer has no pad token (as TRL does), but says so."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer is None or getattr(tokenizer, "pad_token", "") is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError(
+            "The tokenizer has neither a pad token nor an EOS token, so batches cannot be padded. Set one before "
+            "creating the trainer, e.g. `tokenizer.pad_token = tokenizer.unk_token` or "
+            "`tokenizer.add_special_tokens({'pad_token': '<pad>'})` followed by "
+            "`model.resize_token_embeddings(len(tokenizer))`."
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    warnings.warn(
+        f"The tokenizer has no pad token; padding with its EOS token {tokenizer.eos_token!r} "
+        f"(id {tokenizer.eos_token_id}), as TRL does. This is safe here: padded positions are excluded by the "
+        "attention and completion masks, so the EOS that ends each completion is still trained on. Set "
+        "`tokenizer.pad_token` before creating the trainer to silence this warning.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def embedding_rows(model, args=None) -> int | None:
+    """Number of rows of the model's input embedding (None when unknown).
+
+    For a model given by name, the `vocab_size` of its config (best effort: None if the config cannot be read).
+    """
+    if isinstance(model, str):
+        try:
+            from transformers import AutoConfig
+
+            init_kwargs = getattr(args, "model_init_kwargs", None) or {}
+            config = AutoConfig.from_pretrained(
+                model,
+                revision=init_kwargs.get("revision"),
+                trust_remote_code=getattr(args, "trust_remote_code", False),
+            )
+            rows = getattr(config.get_text_config(), "vocab_size", None)
+        except Exception:  # a check must not fail where loading the model itself may still work
+            return None
+        return int(rows) if isinstance(rows, int) else None
+    if model is None:
+        return None
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    rows = getattr(embedding, "num_embeddings", None)  # also right for parameters partitioned by ZeRO-3
+    return int(rows) if isinstance(rows, int) else None
+
+
+# ----------------------------------------------------------------------------------------------- raw dataset
+def check_dataset(dataset, processing_class, name: str) -> None:
+    """Columns, labels and text of a dataset given to the trainer, before tokenization.
+
+    A map-style Dataset is checked row by row; an IterableDataset on its first rows only.
+    """
+    if isinstance(dataset, Dataset):
+        check_not_empty(dataset, name)
+        columns = dataset.column_names
+        plain = dataset.with_format(None)
+
+        def values(column):
+            return list(plain[column])
+    elif isinstance(dataset, IterableDataset):
+        sample = list(islice(dataset, _STREAM_SAMPLE))
+        if not sample:
+            check_not_empty(dataset, name)
+        columns = list(sample[0])
+
+        def values(column):
+            return [row.get(column) for row in sample]
+    else:
+        return
+    if {"image", "images"} & set(columns):
+        return  # vision rows are processed by TRL's vision collator
+    text_columns = _check_columns(columns, values, name)
+    if "completion" in text_columns:
+        check_labels(values("label"), name)
+    if _check_text(text_columns, values, name):
+        check_chat_template(processing_class, name)
+
+
+def _check_columns(columns: list[str], values, name: str) -> list[str]:
+    present = set(columns)
+    paired = {"chosen", "rejected"} & present and not {"completion", "label"} & present
+    if not paired:
+        needed, text = list(_UNPAIRED), ["prompt", "completion"]
+    else:
+        implicit_prompt = "chosen" in present and isinstance(values("chosen")[0], list)  # TRL extracts it
+        needed = ["chosen", "rejected"] + ([] if implicit_prompt else ["prompt"])
+        text = [c for c in ("prompt", "chosen", "rejected") if c in needed]
+    missing = [c for c in needed if c not in present]
+    if missing:
+        raise ValueError(
+            f"The {name} dataset has no {', '.join(repr(c) for c in missing)} column (columns present: "
+            f"{sorted(present)}). KTOExtTrainer needs {_LAYOUTS}. Rename your columns, e.g. "
+            "`dataset = dataset.rename_column('output', 'completion')`, or load the data with "
+            "`trl_kto_ext.data.prepare_unpaired(dataset, prompt_column=..., completion_column=..., label_column=...)`."
+        )
+    return text
+
+
+def check_labels(labels: list[Any], name: str) -> None:
+    bad = [row for row, value in enumerate(labels) if not isinstance(value, bool)]
+    if bad:
+        value = labels[bad[0]]
+        raise ValueError(
+            f"Row {bad[0]} has label {value!r} ({type(value).__name__}) in the {name} dataset"
+            f"{_more_rows(bad, 'have a label that is not a boolean')}. {_LABEL_HINT}"
+        )
+
+
+def _text_problem(value: Any) -> tuple[str, str] | None:
+    """(kind, description) of what is wrong with a prompt/completion value, or None."""
+    if value is None:
+        return "empty", "is missing (None)"
+    if isinstance(value, str):
+        return ("empty", f"is empty ({value!r})") if not value.strip() else None
+    if not isinstance(value, list):
+        return "type", f"is a {type(value).__name__} ({str(value)[:60]!r}), not text or a list of messages"
+    if not value:
+        return "empty", "is an empty list of messages"
+    for k, message in enumerate(value):
+        if not isinstance(message, dict):
+            return "messages", f"is not a list of {{'role', 'content'}} messages: message {k} is {message!r}"
+        if not isinstance(message.get("role"), str) or not message["role"]:
+            return "messages", f"is not a list of {{'role', 'content'}} messages: message {k} has no 'role'"
+        if not isinstance(message.get("content"), (str, list)):
+            return "messages", f"is not a list of {{'role', 'content'}} messages: message {k} has no 'content'"
+    if all(_blank_content(m["content"]) for m in value):
+        return "empty", "is empty (no message has any content)"
+    return None
+
+
+def _blank_content(content: str | list) -> bool:
+    if isinstance(content, str):
+        return not content.strip()
+    # Multimodal parts: blank only when every part is a text part without text.
+    return all(_blank_part(part) for part in content)
+
+
+def _blank_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type", "text") == "text" and not str(part.get("text") or "").strip()
+
+
+def _check_text(columns: list[str], values, name: str) -> bool:
+    """Checks every prompt/completion value; returns whether the rows are conversational."""
+    kinds = {}
+    for column in columns:
+        column_values = values(column)
+        problems = [(row, p) for row, v in enumerate(column_values) if (p := _text_problem(v)) is not None]
+        if problems:
+            row, (kind, description) = problems[0]
+            keep = (
+                f"any(m['content'].strip() for m in r['{column}'])"
+                if isinstance(column_values[row], list)
+                else f"r['{column}'].strip()"
+            )
+            fix = {
+                "empty": "KTO would learn from a completion with no text (or one without a prompt). Fill in or drop "
+                f"such rows, e.g. `dataset = dataset.filter(lambda r: {keep})`.",
+                "type": "Give text (a string) or a list of {'role', 'content'} messages.",
+                "messages": _MESSAGES_HINT,
+            }[kind]
+            rows = [r for r, _ in problems]
+            raise ValueError(
+                f"{column} at row {row} of the {name} dataset {description}{_more_rows(rows, 'have this problem', '; ')}"
+                f". {fix}"
+            )
+        kinds[column] = isinstance(column_values[0], list)
+    if len(set(kinds.values())) > 1:
+        conversational = [c for c, k in kinds.items() if k]
+        text = [c for c, k in kinds.items() if not k]
+        raise ValueError(
+            f"In the {name} dataset, {conversational} hold lists of messages but {text} hold plain text (row 0). "
+            "A row must be all text or all conversational: convert one side, e.g. wrap the text as "
+            "[{'role': 'assistant', 'content': text}]."
+        )
+    return any(kinds.values())
+
+
+def check_chat_template(processing_class, name: str) -> None:
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if getattr(processing_class, "chat_template", None) is None and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"The {name} dataset is conversational (lists of {{'role', 'content'}} messages) but the tokenizer has no "
+            "chat template to render them. Use the tokenizer of an instruct/chat model, set "
+            "`tokenizer.chat_template` (e.g. copied from the instruct version of your model), or convert the rows "
+            "to plain text prompts and completions."
+        )
+
+
+def _more_rows(rows: list[int], what: str, style: str = " (", always: bool = False) -> str:
+    """' (3 rows <what>: 1, 4, 7)' (or '; 3 rows ...' with style='; '); empty for a single row unless `always`."""
+    if len(rows) <= 1 and not always:
+        return ""
+    extra = len(rows) - _SHOWN_ROWS
+    shown = ", ".join(map(str, rows[:_SHOWN_ROWS])) + (f" and {extra} more" if extra > 0 else "")
+    return f"{style}{len(rows)} row{'s' if len(rows) > 1 else ''} {what}: {shown}{')' if style == ' (' else ''}"
+
+
+# ----------------------------------------------------------------------------------------- tokenized dataset
+def check_tokenized(dataset, max_length: int | None, name: str, vocab_rows: int | None = None, tokenizer=None):
+    """Checks the tokenized rows and drops those whose prompt alone fills `max_length`, logging what is dropped.
+
+    TRL's truncation keeps the start of prompt + completion; a row whose prompt has `max_length` tokens or more would
+    keep no completion token, so it is dropped (as TRL does). Rows that are only partly truncated are counted too.
+    Returns the dataset without the dropped rows.
+    """
+    if not isinstance(dataset, Dataset):  # an IterableDataset cannot be counted: filter lazily, as TRL does
+        return dataset if max_length is None else dataset.filter(lambda ex: len(ex["prompt_ids"]) < max_length)
+    arrow = dataset.with_format("arrow")
+    prompt_ids, completion_ids = arrow["prompt_ids"].combine_chunks(), arrow["completion_ids"].combine_chunks()
+    prompt_len = pc.fill_null(pc.list_value_length(prompt_ids), 0).to_numpy(zero_copy_only=False)
+    completion_len = pc.fill_null(pc.list_value_length(completion_ids), 0).to_numpy(zero_copy_only=False)
+    empty = np.flatnonzero(completion_len == 0).tolist()
+    if empty:
+        raise ValueError(
+            f"The completion at row {empty[0]} of the {name} dataset has no tokens after tokenization"
+            f"{_more_rows(empty, 'have no completion token')}: there is nothing to learn from. Check that the text "
+            "(or the chat template's rendering of the assistant message) is not empty, then fix or drop that row."
+        )
+    if vocab_rows is not None:
+        _check_vocabulary(prompt_ids, completion_ids, vocab_rows, tokenizer, name)
+    if max_length is None:
+        return dataset
+    dropped = prompt_len >= max_length
+    truncated = ~dropped & (prompt_len + completion_len > max_length)
+    n = len(dataset)
+    if dropped.all():
+        raise ValueError(
+            f"All {n} rows of the {name} dataset were dropped: each prompt alone has max_length={max_length} tokens "
+            f"or more (shortest prompt: {int(prompt_len.min())} tokens), so no completion token would remain. Raise "
+            f"`max_length` (to {int((prompt_len + completion_len).max())} to keep every row whole) or shorten the "
+            "prompts."
+        )
+    if _main_process() and dropped.any():
+        logger.warning(
+            "%s dataset: dropped %d of %d rows whose prompt alone has max_length=%d tokens or more (nothing of the "
+            "completion would remain after truncation)%s. Raise `max_length` to keep them.",
+            name,
+            int(dropped.sum()),
+            n,
+            max_length,
+            _more_rows(np.flatnonzero(dropped).tolist(), "dropped", always=True),
+        )
+    if _main_process() and truncated.any():
+        logger.warning(
+            "%s dataset: truncated %d of %d rows longer than max_length=%d tokens (prompt + completion): TRL's "
+            "truncation keeps the start, so the end of their completion is not trained on%s. Raise `max_length` to "
+            "%d to keep every row whole.",
+            name,
+            int(truncated.sum()),
+            n,
+            max_length,
+            _more_rows(np.flatnonzero(truncated).tolist(), "truncated", always=True),
+            int((prompt_len + completion_len)[~dropped].max()),
+        )
+    return dataset.select(np.flatnonzero(~dropped)) if dropped.any() else dataset
+
+
+def _check_vocabulary(prompt_ids, completion_ids, vocab_rows: int, tokenizer, name: str) -> None:
+    size = f"the tokenizer has {len(tokenizer)} tokens" if tokenizer is not None else "the tokenizer has more"
+    fix = (
+        "The tokenizer does not match the model: use the tokenizer saved with this model, or, if you added tokens, "
+        "call `model.resize_token_embeddings(len(tokenizer))` before creating the trainer."
+    )
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is not None and pad_id >= vocab_rows:
+        raise ValueError(
+            f"The pad token id {pad_id} is out of range for the model, whose input embedding has {vocab_rows} rows "
+            f"(ids 0..{vocab_rows - 1}), while {size}. {fix}"
+        )
+    for column, ids in (("prompt", prompt_ids), ("completion", completion_ids)):
+        flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
+        if flat.size and flat.max() >= vocab_rows:
+            first = int(np.flatnonzero(flat >= vocab_rows)[0])
+            row = int(pc.list_parent_indices(ids).to_numpy(zero_copy_only=False)[first])
+            raise ValueError(
+                f"Token id {int(flat[first])} in the {column} of row {row} of the {name} dataset is out of range for "
+                f"the model, whose input embedding has {vocab_rows} rows (ids 0..{vocab_rows - 1}), while {size}. "
+                f"{fix}"
+            )
+
+
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return not PartialState._shared_state or PartialState().is_main_process
+
+
+# ------------------------------------------------------------------------------------------------ step guards
+def guard_loss(trainer, mode: str, batch: dict[str, Any], loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Returns the loss to back-propagate and whether to record the step's metrics.
+
+    - A non-finite training loss (on any process) raises [`NonFiniteLossError`], or with `on_nonfinite_loss="skip"`
+      is replaced by a zero loss, its gradients are discarded after the backward pass and it is counted in
+      `skipped/nonfinite_steps`.
+    - A batch without any completion token (on all processes) gives a zero loss and is counted in
+      `skipped/empty_batches`: there is nothing to learn from, and its rewards would be meaningless.
+    Both decisions are taken from values summed over processes, so every process takes the same branch.
+    """
+    flags = torch.stack(
+        [(~torch.isfinite(loss.detach())).float().sum(), batch["completion_mask"][:, 1:].sum().float()]
+    )
+    if trainer.accelerator.num_processes > 1:
+        flags = trainer.accelerator.reduce(flags, reduction="sum")
+    nonfinite, completion_tokens = flags.tolist()
+    metrics = trainer._metrics[mode]
+    zero = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0  # keeps the graph; gradient exactly zero
+    if nonfinite and mode == "train":
+        if getattr(trainer.args, "on_nonfinite_loss", "raise") != "skip":
+            raise NonFiniteLossError(nonfinite_message(trainer, loss))
+        trainer._discard_step_gradients = True
+        metrics["skipped/nonfinite_steps"].append(1)
+        logger.warning(
+            "Non-finite loss (%s) at step %d: skipped (zero gradient, counted in `skipped/nonfinite_steps`) because "
+            "on_nonfinite_loss='skip'.",
+            loss.detach().float().item(),
+            trainer.state.global_step + 1,
+        )
+        return zero, False
+    if completion_tokens == 0:
+        metrics["skipped/empty_batches"].append(1)
+        if not getattr(trainer, "_warned_empty_batch", False):
+            trainer._warned_empty_batch = True
+            logger.warning(
+                "Step %d: every completion token of the batch is masked (completions empty or truncated away by the "
+                "data collator's max_length), so the batch is skipped: zero loss and gradient, no metrics. Such "
+                "batches are counted in the `skipped/empty_batches` metric (this warning is shown once).",
+                trainer.state.global_step + 1,
+            )
+        return zero, False
+    return loss, True
+
+
+def nonfinite_message(trainer, loss: torch.Tensor) -> str:
+    args = trainer.args
+    dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    weights_finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+    weights = (
+        "The model's weights are still finite, so this batch's forward pass overflowed."
+        if weights_finite
+        else "The model's weights already contain NaN/inf: an earlier update diverged (look at grad_norm in the steps "
+        "logged before this one)."
+    )
+    value = loss.detach().float().item()
+    where = f"({value})" if not math.isfinite(value) else "(on another process)"
+    return (
+        f"Non-finite training loss {where} at step {trainer.state.global_step + 1} "
+        f"(epoch {trainer.state.epoch or 0:.2f}); training stopped before this step's update. {weights} Likely "
+        f"causes: a learning rate too high (learning_rate={args.learning_rate:g}: lower it, add warmup, keep "
+        f"max_grad_norm > 0, now {args.max_grad_norm}); overflow in low precision (dtype: {dtype}; prefer bf16 to "
+        f"fp16, or train in fp32); or extreme log-probabilities (beta={args.beta}). To skip such steps instead (zero "
+        "gradient for the step, counted in `skipped/nonfinite_steps`), set on_nonfinite_loss='skip'."
+    )
+
+
+def after_training_step(trainer) -> None:
+    """Called after each micro-batch's backward pass: pairing bookkeeping, then discarding of skipped gradients."""
+    pending = getattr(trainer, "_pairing_pending", None)
+    if pending:
+        pending.popleft()  # that batch is consumed: a checkpoint now resumes after it
+    if getattr(trainer.args, "on_nonfinite_loss", "raise") != "skip":
+        return
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    flagged = trainer.__dict__.pop("_discard_step_gradients", False)
+    if not grads:
+        return  # e.g. DeepSpeed, which keeps the gradients itself
+    finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    if not finite and not flagged:  # a finite loss whose gradient overflowed: clipping would turn it into NaN weights
+        trainer._metrics["train"]["skipped/nonfinite_steps"].append(1)
+        logger.warning(
+            "Non-finite gradient at step %d: skipped (zero gradient, counted in `skipped/nonfinite_steps`).",
+            trainer.state.global_step + 1,
+        )
+    if flagged:
+        # The zero loss gave this micro-batch zero or NaN gradients (NaN where its activations were not finite);
+        # replacing the non-finite values keeps what earlier micro-batches of the step accumulated.
+        for grad in grads:
+            grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    elif not finite:  # this micro-batch's share cannot be told apart: the whole step's gradient is dropped
+        for grad in grads:
+            grad.zero_()
+
+
+# --------------------------------------------------------------------------------- KL pairing across resumption
+@dataclasses.dataclass
+class _PairingRecorder:
+    """Collate function of the training dataloader: notes the collator's state before each batch it builds.
+
+    The dataloader collates ahead of the training loop (accelerate looks one batch ahead, and the loop fetches all
+    the micro-batches of a step at once), so at a checkpoint the collator has already drawn the pairing of batches
+    that were not trained on. The state saved is the one noted before the first of those.
+    """
+
+    collator: KTOExtCollator
+    pending: deque
+
+    def __call__(self, features):
+        self.pending.append(self.collator.state_dict())
+        return self.collator(features)
+
+
+def collator_for_dataloader(trainer, is_training: bool):
+    """The collate function of a new dataloader: training batches are recorded (see `_PairingRecorder`); evaluation
+    gets a fresh copy of the collator, so evaluating neither moves the training pairing nor depends on when it runs.
+    """
+    collator = trainer.data_collator
+    if not isinstance(collator, KTOExtCollator):
+        return collator
+    if not is_training:
+        return dataclasses.replace(collator)
+    trainer._pairing_pending = deque()
+    return _PairingRecorder(collator, trainer._pairing_pending)
+
+
+def _state_path(trainer, directory: str) -> str:
+    index = trainer.args.process_index  # each process pairs its own batches
+    return os.path.join(directory, PAIRING_STATE_FILE if index == 0 else f"kl_pairing_state_{index}.json")
+
+
+def save_pairing_state(trainer, output_dir: str) -> None:
+    collator = trainer.data_collator
+    if not isinstance(collator, KTOExtCollator):
+        return
+    pending = getattr(trainer, "_pairing_pending", None)
+    state = dict(pending[0] if pending else collator.state_dict())
+    state["num_tokens"] = trainer._total_train_tokens  # the cumulative `num_tokens` metric
+    os.makedirs(output_dir, exist_ok=True)
+    with open(_state_path(trainer, output_dir), "w") as f:
+        json.dump(state, f)
+
+
+def load_pairing_state(trainer, checkpoint: str | None) -> None:
+    """Restores the pairing saved in `checkpoint`; called before the resumed run collates its first batch."""
+    if not checkpoint or not isinstance(trainer.data_collator, KTOExtCollator):
+        return
+    path = _state_path(trainer, checkpoint)
+    if not os.path.isfile(path):
+        path = os.path.join(checkpoint, PAIRING_STATE_FILE)
+        if not os.path.isfile(path):
+            return
+    with open(path) as f:
+        state = json.load(f)
+    trainer.data_collator.load_state_dict(state)
+    trainer._total_train_tokens = state.get("num_tokens", trainer._total_train_tokens)
+    if getattr(trainer, "_pairing_pending", None) is not None:
+        trainer._pairing_pending.clear()
