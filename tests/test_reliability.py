@@ -12,8 +12,8 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from trl_kto_ext import KTOExtCollator, KTOExtConfig, KTOExtTrainer
+from trl_kto_ext.guards import NonFiniteLossError
 from trl_kto_ext.tiny import make_kto_dataset
-from trl_kto_ext.validation import NonFiniteLossError
 
 
 def make_trainer(model, tokenizer, dataset, tmp_path, **overrides):

@@ -16,14 +16,13 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from . import validation
+from . import guards, resume, validation
 from .collator import KTOExtCollator
 from .config import KTOExtConfig
 from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
 from .pairing import add_dataset_kl_pairing
 
-PAIRING_STATE_FILE = validation.PAIRING_STATE_FILE  # written into each checkpoint by `_save_rng_state`
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
     "completion_mask",
@@ -182,7 +181,7 @@ class KTOExtTrainer(KTOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
-        loss, record = validation.guard_loss(self, mode, batch, loss)  # a batch without completion tokens, NaN/inf
+        loss, record = guards.guard_loss(self, mode, batch, loss)  # a batch without completion tokens, NaN/inf
         if record:
             self._record_metrics(mode, batch, labels, logps, outputs, result.metrics)
         if return_outputs:
@@ -314,21 +313,21 @@ class KTOExtTrainer(KTOTrainer):
 
     # ---------------------------------------------------------------------------------------- resume the pairing
     def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
-        with _attribute(self, "data_collator", validation.collator_for_dataloader(self, is_training)):
+        with _attribute(self, "data_collator", resume.collator_for_dataloader(self, is_training)):
             return super()._get_dataloader(*args, is_training=is_training, **kwargs)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
-        validation.after_training_step(self)  # that batch is consumed; a skipped step's gradients are discarded
+        guards.after_training_step(self)  # that batch is consumed; a skipped step's gradients are discarded
         return loss
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        validation.save_pairing_state(self, output_dir)  # the state before the first batch not yet trained on
+        resume.save_pairing_state(self, output_dir)  # the state before the first batch not yet trained on
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        validation.load_pairing_state(self, checkpoint)  # before the resumed run collates its first batch
+        resume.load_pairing_state(self, checkpoint)  # before the resumed run collates its first batch
 
 
 def _keep_kl_rows(batch: dict[str, Any], n_rows: int) -> dict[str, Any]:

@@ -1,34 +1,23 @@
-"""Checks and safeguards of KTOExtTrainer: bad input is reported (row, problem and fix) before training starts, and
-the training loop neither crashes nor trains on NaN when a step has no completion token or a non-finite loss.
+"""Input checks of KTOExtTrainer: bad input is reported (row, problem and fix) before training starts.
 
 Dataset checks run on the raw rows (columns, label types, empty or malformed text, chat template) and on the
 tokenized rows (empty completions, token ids the model has no embedding for, rows dropped or truncated by
-`max_length`). The step guards skip (and count) batches without any completion token and handle a non-finite loss
-as `KTOExtConfig.on_nonfinite_loss` says. The last section keeps the KL pairing exact across `resume_from_checkpoint`.
+`max_length`). Run-time guards live in `guards.py`, and the pairing state across checkpoints in `resume.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
-import os
 import warnings
-from collections import deque
 from itertools import islice
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import torch
 from datasets import Dataset, IterableDataset
-
-from .collator import KTOExtCollator
 
 logger = logging.getLogger(__name__)
 
-PAIRING_STATE_FILE = "kl_pairing_state.json"
 _SHOWN_ROWS = 5  # rows listed in a message
 _STREAM_SAMPLE = 64  # rows of an IterableDataset checked (it cannot be scanned without consuming it)
 _UNPAIRED = ("prompt", "completion", "label")
@@ -42,10 +31,6 @@ _MESSAGES_HINT = (
     "Conversational rows must be lists of {'role': ..., 'content': ...} dicts, e.g. "
     "[{'role': 'user', 'content': 'What is 2+2?'}]; fix that row or give plain text instead."
 )
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a training step's loss is NaN or infinite and `on_nonfinite_loss="raise"`."""
 
 
 # ------------------------------------------------------------------------------------------------ before set-up
@@ -362,163 +347,3 @@ def _main_process() -> bool:
     from accelerate import PartialState
 
     return not PartialState._shared_state or PartialState().is_main_process
-
-
-# ------------------------------------------------------------------------------------------------ step guards
-def guard_loss(trainer, mode: str, batch: dict[str, Any], loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Returns the loss to back-propagate and whether to record the step's metrics.
-
-    - A non-finite training loss (on any process) raises [`NonFiniteLossError`], or with `on_nonfinite_loss="skip"`
-      is replaced by a zero loss, its gradients are discarded after the backward pass and it is counted in
-      `skipped/nonfinite_steps`.
-    - A batch without any completion token (on all processes) gives a zero loss and is counted in
-      `skipped/empty_batches`: there is nothing to learn from, and its rewards would be meaningless.
-    Both decisions are taken from values summed over processes, so every process takes the same branch.
-    """
-    flags = torch.stack(
-        [(~torch.isfinite(loss.detach())).float().sum(), batch["completion_mask"][:, 1:].sum().float()]
-    )
-    if trainer.accelerator.num_processes > 1:
-        flags = trainer.accelerator.reduce(flags, reduction="sum")
-    nonfinite, completion_tokens = flags.tolist()
-    metrics = trainer._metrics[mode]
-    zero = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0  # keeps the graph; gradient exactly zero
-    if nonfinite and mode == "train":
-        if getattr(trainer.args, "on_nonfinite_loss", "raise") != "skip":
-            raise NonFiniteLossError(nonfinite_message(trainer, loss))
-        trainer._discard_step_gradients = True
-        metrics["skipped/nonfinite_steps"].append(1)
-        logger.warning(
-            "Non-finite loss (%s) at step %d: skipped (zero gradient, counted in `skipped/nonfinite_steps`) because "
-            "on_nonfinite_loss='skip'.",
-            loss.detach().float().item(),
-            trainer.state.global_step + 1,
-        )
-        return zero, False
-    if completion_tokens == 0:
-        metrics["skipped/empty_batches"].append(1)
-        if not getattr(trainer, "_warned_empty_batch", False):
-            trainer._warned_empty_batch = True
-            logger.warning(
-                "Step %d: every completion token of the batch is masked (completions empty or truncated away by the "
-                "data collator's max_length), so the batch is skipped: zero loss and gradient, no metrics. Such "
-                "batches are counted in the `skipped/empty_batches` metric (this warning is shown once).",
-                trainer.state.global_step + 1,
-            )
-        return zero, False
-    return loss, True
-
-
-def nonfinite_message(trainer, loss: torch.Tensor) -> str:
-    args = trainer.args
-    dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-    weights_finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
-    weights = (
-        "The model's weights are still finite, so this batch's forward pass overflowed."
-        if weights_finite
-        else "The model's weights already contain NaN/inf: an earlier update diverged (look at grad_norm in the steps "
-        "logged before this one)."
-    )
-    value = loss.detach().float().item()
-    where = f"({value})" if not math.isfinite(value) else "(on another process)"
-    return (
-        f"Non-finite training loss {where} at step {trainer.state.global_step + 1} "
-        f"(epoch {trainer.state.epoch or 0:.2f}); training stopped before this step's update. {weights} Likely "
-        f"causes: a learning rate too high (learning_rate={args.learning_rate:g}: lower it, add warmup, keep "
-        f"max_grad_norm > 0, now {args.max_grad_norm}); overflow in low precision (dtype: {dtype}; prefer bf16 to "
-        f"fp16, or train in fp32); or extreme log-probabilities (beta={args.beta}). To skip such steps instead (zero "
-        "gradient for the step, counted in `skipped/nonfinite_steps`), set on_nonfinite_loss='skip'."
-    )
-
-
-def after_training_step(trainer) -> None:
-    """Called after each micro-batch's backward pass: pairing bookkeeping, then discarding of skipped gradients."""
-    pending = getattr(trainer, "_pairing_pending", None)
-    if pending:
-        pending.popleft()  # that batch is consumed: a checkpoint now resumes after it
-    if getattr(trainer.args, "on_nonfinite_loss", "raise") != "skip":
-        return
-    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
-    flagged = trainer.__dict__.pop("_discard_step_gradients", False)
-    if not grads:
-        return  # e.g. DeepSpeed, which keeps the gradients itself
-    finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-    if not finite and not flagged:  # a finite loss whose gradient overflowed: clipping would turn it into NaN weights
-        trainer._metrics["train"]["skipped/nonfinite_steps"].append(1)
-        logger.warning(
-            "Non-finite gradient at step %d: skipped (zero gradient, counted in `skipped/nonfinite_steps`).",
-            trainer.state.global_step + 1,
-        )
-    if flagged:
-        # The zero loss gave this micro-batch zero or NaN gradients (NaN where its activations were not finite);
-        # replacing the non-finite values keeps what earlier micro-batches of the step accumulated.
-        for grad in grads:
-            grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    elif not finite:  # this micro-batch's share cannot be told apart: the whole step's gradient is dropped
-        for grad in grads:
-            grad.zero_()
-
-
-# --------------------------------------------------------------------------------- KL pairing across resumption
-@dataclasses.dataclass
-class _PairingRecorder:
-    """Collate function of the training dataloader: notes the collator's state before each batch it builds.
-
-    The dataloader collates ahead of the training loop (accelerate looks one batch ahead, and the loop fetches all
-    the micro-batches of a step at once), so at a checkpoint the collator has already drawn the pairing of batches
-    that were not trained on. The state saved is the one noted before the first of those.
-    """
-
-    collator: KTOExtCollator
-    pending: deque
-
-    def __call__(self, features):
-        self.pending.append(self.collator.state_dict())
-        return self.collator(features)
-
-
-def collator_for_dataloader(trainer, is_training: bool):
-    """The collate function of a new dataloader: training batches are recorded (see `_PairingRecorder`); evaluation
-    gets a fresh copy of the collator, so evaluating neither moves the training pairing nor depends on when it runs.
-    """
-    collator = trainer.data_collator
-    if not isinstance(collator, KTOExtCollator):
-        return collator
-    if not is_training:
-        return dataclasses.replace(collator)
-    trainer._pairing_pending = deque()
-    return _PairingRecorder(collator, trainer._pairing_pending)
-
-
-def _state_path(trainer, directory: str) -> str:
-    index = trainer.args.process_index  # each process pairs its own batches
-    return os.path.join(directory, PAIRING_STATE_FILE if index == 0 else f"kl_pairing_state_{index}.json")
-
-
-def save_pairing_state(trainer, output_dir: str) -> None:
-    collator = trainer.data_collator
-    if not isinstance(collator, KTOExtCollator):
-        return
-    pending = getattr(trainer, "_pairing_pending", None)
-    state = dict(pending[0] if pending else collator.state_dict())
-    state["num_tokens"] = trainer._total_train_tokens  # the cumulative `num_tokens` metric
-    os.makedirs(output_dir, exist_ok=True)
-    with open(_state_path(trainer, output_dir), "w") as f:
-        json.dump(state, f)
-
-
-def load_pairing_state(trainer, checkpoint: str | None) -> None:
-    """Restores the pairing saved in `checkpoint`; called before the resumed run collates its first batch."""
-    if not checkpoint or not isinstance(trainer.data_collator, KTOExtCollator):
-        return
-    path = _state_path(trainer, checkpoint)
-    if not os.path.isfile(path):
-        path = os.path.join(checkpoint, PAIRING_STATE_FILE)
-        if not os.path.isfile(path):
-            return
-    with open(path) as f:
-        state = json.load(f)
-    trainer.data_collator.load_state_dict(state)
-    trainer._total_train_tokens = state.get("num_tokens", trainer._total_train_tokens)
-    if getattr(trainer, "_pairing_pending", None) is not None:
-        trainer._pairing_pending.clear()

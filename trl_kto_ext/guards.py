@@ -1,0 +1,109 @@
+"""Run-time guards of KTOExtTrainer: a batch without completion tokens or a non-finite loss never trains on NaN."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a training step's loss is NaN or infinite and `on_nonfinite_loss="raise"`."""
+
+
+def guard_loss(trainer, mode: str, batch: dict[str, Any], loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Returns the loss to back-propagate and whether to record the step's metrics.
+
+    - A non-finite training loss (on any process) raises [`NonFiniteLossError`], or with `on_nonfinite_loss="skip"`
+      is replaced by a zero loss, its gradients are discarded after the backward pass and it is counted in
+      `skipped/nonfinite_steps`.
+    - A batch without any completion token (on all processes) gives a zero loss and is counted in
+      `skipped/empty_batches`: there is nothing to learn from, and its rewards would be meaningless.
+    Both decisions are taken from values summed over processes, so every process takes the same branch.
+    """
+    flags = torch.stack(
+        [(~torch.isfinite(loss.detach())).float().sum(), batch["completion_mask"][:, 1:].sum().float()]
+    )
+    if trainer.accelerator.num_processes > 1:
+        flags = trainer.accelerator.reduce(flags, reduction="sum")
+    nonfinite, completion_tokens = flags.tolist()
+    metrics = trainer._metrics[mode]
+    zero = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0  # keeps the graph; gradient exactly zero
+    if nonfinite and mode == "train":
+        if getattr(trainer.args, "on_nonfinite_loss", "raise") != "skip":
+            raise NonFiniteLossError(nonfinite_message(trainer, loss))
+        trainer._discard_step_gradients = True
+        metrics["skipped/nonfinite_steps"].append(1)
+        logger.warning(
+            "Non-finite loss (%s) at step %d: skipped (zero gradient, counted in `skipped/nonfinite_steps`) because "
+            "on_nonfinite_loss='skip'.",
+            loss.detach().float().item(),
+            trainer.state.global_step + 1,
+        )
+        return zero, False
+    if completion_tokens == 0:
+        metrics["skipped/empty_batches"].append(1)
+        if not getattr(trainer, "_warned_empty_batch", False):
+            trainer._warned_empty_batch = True
+            logger.warning(
+                "Step %d: every completion token of the batch is masked (completions empty or truncated away by the "
+                "data collator's max_length), so the batch is skipped: zero loss and gradient, no metrics. Such "
+                "batches are counted in the `skipped/empty_batches` metric (this warning is shown once).",
+                trainer.state.global_step + 1,
+            )
+        return zero, False
+    return loss, True
+
+
+def nonfinite_message(trainer, loss: torch.Tensor) -> str:
+    args = trainer.args
+    dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    weights_finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+    weights = (
+        "The model's weights are still finite, so this batch's forward pass overflowed."
+        if weights_finite
+        else "The model's weights already contain NaN/inf: an earlier update diverged (look at grad_norm in the steps "
+        "logged before this one)."
+    )
+    value = loss.detach().float().item()
+    where = f"({value})" if not math.isfinite(value) else "(on another process)"
+    return (
+        f"Non-finite training loss {where} at step {trainer.state.global_step + 1} "
+        f"(epoch {trainer.state.epoch or 0:.2f}); training stopped before this step's update. {weights} Likely "
+        f"causes: a learning rate too high (learning_rate={args.learning_rate:g}: lower it, add warmup, keep "
+        f"max_grad_norm > 0, now {args.max_grad_norm}); overflow in low precision (dtype: {dtype}; prefer bf16 to "
+        f"fp16, or train in fp32); or extreme log-probabilities (beta={args.beta}). To skip such steps instead (zero "
+        "gradient for the step, counted in `skipped/nonfinite_steps`), set on_nonfinite_loss='skip'."
+    )
+
+
+def after_training_step(trainer) -> None:
+    """Called after each micro-batch's backward pass: pairing bookkeeping, then discarding of skipped gradients."""
+    pending = getattr(trainer, "_pairing_pending", None)
+    if pending:
+        pending.popleft()  # that batch is consumed: a checkpoint now resumes after it
+    if getattr(trainer.args, "on_nonfinite_loss", "raise") != "skip":
+        return
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    flagged = trainer.__dict__.pop("_discard_step_gradients", False)
+    if not grads:
+        return  # e.g. DeepSpeed, which keeps the gradients itself
+    finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    if not finite and not flagged:  # a finite loss whose gradient overflowed: clipping would turn it into NaN weights
+        trainer._metrics["train"]["skipped/nonfinite_steps"].append(1)
+        logger.warning(
+            "Non-finite gradient at step %d: skipped (zero gradient, counted in `skipped/nonfinite_steps`).",
+            trainer.state.global_step + 1,
+        )
+    if flagged:
+        # The zero loss gave this micro-batch zero or NaN gradients (NaN where its activations were not finite);
+        # replacing the non-finite values keeps what earlier micro-batches of the step accumulated.
+        for grad in grads:
+            grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    elif not finite:  # this micro-batch's share cannot be told apart: the whole step's gradient is dropped
+        for grad in grads:
+            grad.zero_()
