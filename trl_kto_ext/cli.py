@@ -1,0 +1,348 @@
+"""`trl-kto-ext`: train with KTOExtTrainer from a YAML config and/or flags, shaped like TRL's `trl kto` script."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import enum
+import inspect
+import json
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+from unittest import mock
+
+import yaml
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from .config import KTOExtConfig
+
+COLUMNS = ("prompt", "completion", "label", "chosen", "rejected")
+TINY_MODEL = "tiny"
+TINY_DATASET = "tiny-arithmetic"
+PROG = "trl-kto-ext"
+BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what TRL's string_to_bool accepts
+DESCRIPTION = f"""Train with KTO (KTOExtTrainer). Every option can also be set in a YAML file, --config FILE (keys are
+the option names); flags override the file. Offline default: --model_name_or_path {TINY_MODEL} --dataset_name
+{TINY_DATASET} (configs/tiny-cpu.yaml). `{PROG} plot OUTPUT_DIR [--out FILE.png]` draws the curves of a run;
+`--print-config` prints the resolved configuration as YAML and exits without training."""
+
+
+@dataclass
+class KTOScriptArguments(ScriptArguments):
+    """TRL's ScriptArguments plus the column mapping, class subsampling and held-out split of `trl_kto_ext.data`."""
+
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
+    completion_column: str = field(default="completion", metadata={"help": "Column holding the completion."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the desirable/undesirable label."})
+    chosen_column: str = field(default="chosen", metadata={"help": "Chosen column of paired data (unpaired on load)."})
+    rejected_column: str = field(default="rejected", metadata={"help": "Rejected column of paired data."})
+    desirable_fraction: float = field(default=1.0, metadata={"help": "Share of desirable training rows to keep."})
+    undesirable_fraction: float = field(default=1.0, metadata={"help": "Share of undesirable training rows to keep."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Share held out for eval if no test split."})
+    tiny_train_rows: int = field(default=2048, metadata={"help": f"Training rows of the {TINY_DATASET} dataset."})
+    tiny_eval_rows: int = field(default=256, metadata={"help": f"Eval rows of {TINY_DATASET} (held-out prompts)."})
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the line breaks of DESCRIPTION and shows every default, as TRL's parser does."""
+
+
+class _Parser(TrlParser):
+    def error(self, message):  # argparse would print the whole (very long) usage first
+        raise SystemExit(f"{PROG}: error: {message}\nRun `{PROG} --help` to list the options.")
+
+
+def make_parser(prog: str | None = PROG) -> TrlParser:
+    parser = _Parser(
+        (KTOScriptArguments, KTOExtConfig, ModelConfig), prog=prog, description=DESCRIPTION, allow_abbrev=False
+    )
+    parser.formatter_class = _HelpFormatter
+    parser.add_argument("--print-config", "--print_config", action="store_true", help="Print the config and exit.")
+    return parser
+
+
+def _fail(message: str) -> typing.NoReturn:
+    raise SystemExit(f"{PROG}: error: {message}")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader whose booleans are only true/false: `eval_strategy: no` stays the string 'no' (YAML 1.2)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_YamlLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != _BOOL_TAG] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    """The mapping of a YAML config file; SystemExit naming the file (and line) when it is missing or malformed."""
+    if not os.path.isfile(path):
+        _fail(f"config file {path} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.load(f, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+        _fail(f"malformed YAML in {where}: {getattr(err, 'problem', None) or err}. Fix the syntax there.")
+    if not isinstance(config, dict | None):
+        _fail(f"config file {path} must hold a mapping of `option: value` lines, got a {type(config).__name__}.")
+    return config or {}
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" Did you mean `{close[0]}`?" if close else f" Run `{PROG} --help` for the valid options."
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal or (inspect.isclass(tp) and issubclass(tp, enum.Enum)):
+        return "one of " + ", ".join(map(repr, args if origin is typing.Literal else [x.value for x in tp]))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(map(_type_name, args))}]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return str(value) in map(str, args)
+    if inspect.isclass(tp) and issubclass(tp, enum.Enum):
+        return isinstance(value, tp) or str(value) in [str(x.value) for x in tp]
+    if origin is list:  # a single value stands for a list of one, as with a flag (`--lora_target_modules q_proj`)
+        items = value if isinstance(value, list) else [value]
+        return all(_matches(v, args[0] if args else Any) for v in items)
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    if isinstance(value, str) and tp in (int, float):  # argparse converts a string default with the field type
+        with contextlib.suppress(ValueError):
+            return tp(value) is not None
+        return False
+    if tp is bool:
+        return isinstance(value, bool) or str(value).lower() in BOOL_WORDS
+    if tp in (int, float, str) and isinstance(value, bool):
+        return False
+    return isinstance(value, {int: int, float: (int, float), str: (str, int, float)}.get(tp, object))
+
+
+def check_config(config: dict[str, Any], parser: TrlParser, path: str) -> None:
+    """Unknown keys (with the closest valid one), wrong types and invalid choices, each named in plain words."""
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "print_config")}
+    hints = {name: tp for dc in parser.dataclass_types for name, tp in typing.get_type_hints(dc).items()}
+    for key, value in config.items():
+        if key not in actions:
+            _fail(f"unknown key `{key}` in {path}.{_suggest(str(key), list(actions))}")
+        choices = actions[key].choices
+        values = value if isinstance(value, list) and actions[key].nargs == "+" else [value]
+        bad_choice = choices and value is not None and any(str(v) not in map(str, choices) for v in values)
+        if bad_choice:
+            _fail(f"`{key}: {value!r}` in {path} is not a valid choice: use one of {', '.join(map(str, choices))}.")
+        if key in hints and not _matches(value, hints[key]):
+            expected, got = _type_name(hints[key]), type(value).__name__
+            _fail(f"`{key}: {value!r}` in {path} has the wrong type: {key} expects {expected} (got {got}).")
+
+
+def check_flags(args: list[str], parser: TrlParser) -> None:
+    known = set(parser._option_string_actions)
+    for arg in args:
+        if arg.startswith("--") and (name := arg.split("=", 1)[0]) not in known:
+            options = [o for o in known if o.startswith("--") and "-" not in o[2:]]
+            _fail(f"unknown option `{name}`.{_suggest(name.replace('-', '_'), options)}")
+
+
+def parse_args(argv: list[str], parser: TrlParser | None = None) -> tuple[Any, ...]:
+    """(script_args, training_args, model_args, print_config), from `--config FILE` and flags like `trl kto`."""
+    parser = parser or make_parser()
+    args = list(argv)
+    i = next((i for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")), None)
+    if i is not None:
+        path = args.pop(i).partition("=")[2] or (args.pop(i) if i < len(args) else _fail("--config needs a file."))
+        config = load_yaml_config(path)
+        env = config.pop("env", {})
+        if not isinstance(env, dict):
+            _fail(f"`env` in {path} must be a mapping of environment variables.")
+        os.environ.update({str(k): str(v) for k, v in env.items()})
+        check_config(config, parser, path)
+        parser.set_defaults_with_config(**config)
+    check_flags(args, parser)
+    hardware_check = contextlib.nullcontext()
+    if {"--print-config", "--print_config"} & set(args):  # print a GPU config (bf16: true) on any machine
+        hardware_check = mock.patch("transformers.training_args.is_torch_bf16_gpu_available", return_value=True)
+    try:
+        with hardware_check:
+            *dataclasses, extra = parser.parse_args_into_dataclasses(args=args)
+    except (ValueError, TypeError) as err:  # a dataclass __post_init__ check (e.g. loss_aversion_target range)
+        _fail(str(err))
+    return (*dataclasses, extra.print_config)
+
+
+def format_config(script_args, training_args, model_args) -> str:
+    """All dataclass values as one YAML mapping (usable again with --config), grouped by dataclass."""
+    parts = []
+    for args in (script_args, model_args, training_args):
+        values = args.to_dict() if hasattr(args, "to_dict") else {f.name: getattr(args, f.name) for f in fields(args)}
+        values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()}
+        parts.append(f"# --- {type(args).__name__} ---\n" + yaml.safe_dump(values, sort_keys=False))
+    return "\n".join(parts)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def get_kbit_device_map() -> dict[str, int] | None:
+    """TRL's `get_kbit_device_map` (gone from TRL 1.x): the local process' GPU, or None without CUDA."""
+    import torch
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+
+
+def load_datasets(script_args, training_args):
+    """(train, eval or None, tiny_heldout or None) from `dataset_name`; SystemExit with the loader's message."""
+    from .data import load_unpaired_dataset, subsample_class, train_eval_split
+
+    if script_args.dataset_streaming:
+        _fail("dataset_streaming is not supported: loss_aversion='auto' needs the class counts of the whole set.")
+    want_eval = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
+    seed, eval_set, heldout = training_args.seed, None, None
+    try:
+        if script_args.dataset_name == TINY_DATASET:
+            from .tiny import heldout_prompts, make_kto_dataset
+
+            train = make_kto_dataset(script_args.tiny_train_rows, seed=seed)
+            eval_set = make_kto_dataset(script_args.tiny_eval_rows, seed=seed, split="heldout") if want_eval else None
+            heldout = heldout_prompts()
+        elif not script_args.dataset_name:
+            _fail(f"no dataset: set dataset_name (a data file or folder, a Hub id, or {TINY_DATASET}).")
+        else:
+            load = {k: getattr(script_args, k) for k in ("dataset_config", *(f"{c}_column" for c in COLUMNS))}
+            load["seed"] = seed
+            train = load_unpaired_dataset(script_args.dataset_name, split=script_args.dataset_train_split, **load)
+            if want_eval:
+                split = script_args.dataset_test_split
+                try:
+                    eval_set = load_unpaired_dataset(script_args.dataset_name, split=split, **load)
+                except ValueError as err:
+                    if not str(err).startswith(f"Split {split!r} not") or not script_args.eval_fraction > 0:
+                        raise
+                    print(f"No {split!r} split: holding out eval_fraction={script_args.eval_fraction} of the rows.")
+                    train, eval_set = train_eval_split(train, script_args.eval_fraction, seed=seed)
+        fractions = (script_args.desirable_fraction, script_args.undesirable_fraction)
+        if fractions != (1.0, 1.0):
+            train = subsample_class(train, *fractions, seed=seed)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    return train, eval_set, heldout
+
+
+def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:
+    """The local folder of `tiny` (built and cached on first use), an existing local path, or a Hub id unchanged."""
+    if not name:
+        _fail(f"no model: set model_name_or_path (a Hub id, a local folder, or {TINY_MODEL}).")
+    if name == TINY_MODEL and build_tiny:
+        from .tiny import build_tiny_default
+
+        return str(build_tiny_default().model_dir)
+    if _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        _fail(f"model path {name} does not exist. Give an existing local folder or a Hub id like 'org/model'.")
+    return os.path.expanduser(name) if _looks_local(name) else name
+
+
+def train(script_args, training_args, model_args) -> str:
+    """Run KTO training as configured; returns the output_dir."""
+    import torch
+    from transformers import AutoTokenizer
+    from trl import get_peft_config, get_quantization_config
+
+    from .plotting import plot_training
+    from .trainer import KTOExtTrainer
+
+    resolve_model_path(model_args.model_name_or_path, build_tiny=False)  # a wrong path fails before data loading
+    train_set, eval_set, heldout = load_datasets(script_args, training_args)
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    threads = torch.get_num_threads()  # restored at the end (in-process callers, e.g. tests, keep their setting)
+    if model_args.model_name_or_path == TINY_MODEL:  # matrices this small: a second thread only adds synchronisation
+        torch.set_num_threads(1)
+
+    # Like TRL's kto.py: the trainer loads the model from its name with these from_pretrained kwargs.
+    hub_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
+    model_init_kwargs = dict(hub_kwargs, attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        model_init_kwargs["device_map"] = get_kbit_device_map()
+    user_kwargs = training_args.model_init_kwargs  # a flag gives a JSON string
+    model_init_kwargs.update((json.loads(user_kwargs) if isinstance(user_kwargs, str) else user_kwargs) or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **hub_kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    trainer = KTOExtTrainer(
+        model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
+        peft_config=get_peft_config(model_args), quantization_config=quantization_config,
+    )  # fmt: skip
+    main_process = trainer.is_world_process_zero()
+    if heldout is not None and main_process:
+        from .tiny import greedy_accuracy
+
+        before = greedy_accuracy(trainer.model, tokenizer, *heldout)
+        print(f"Held-out greedy accuracy before KTO: {before:.3f} ({len(heldout[0])} prompts)", flush=True)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)  # model + tokenizer
+    trainer.save_state()  # trainer_state.json, read by the plot
+    if main_process:
+        if heldout is not None:
+            after = greedy_accuracy(trainer.model, tokenizer, *heldout)
+            print(f"Held-out greedy accuracy after KTO:  {after:.3f} (before: {before:.3f})", flush=True)
+        plot = plot_training(training_args.output_dir)
+        out = os.path.abspath(training_args.output_dir)
+        print(f"lambda_D = {trainer.desirable_weight:.4g}, lambda_U = {trainer.undesirable_weight:.4g}")
+        print(f"Outputs in {out}:\n  final model + tokenizer: {out}\n  training curves: {os.path.abspath(plot)}")
+        if "tensorboard" in (training_args.report_to or []):
+            print(f"  tensorboard logs: {os.environ.get('TENSORBOARD_LOGGING_DIR') or os.path.join(out, 'runs')}")
+    if hasattr(trainer, "end"):
+        trainer.end()
+    torch.set_num_threads(threads)
+    return training_args.output_dir
+
+
+def plot_main(argv: list[str]) -> int:
+    from .plotting import plot_training
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} plot", description="Plot the KTO training curves of a run.")
+    parser.add_argument("output_dir", help="Output folder of a run (or a trainer_state.json).")
+    parser.add_argument("--out", default=None, help="PNG to write (default: OUTPUT_DIR/training_curves.png).")
+    args = parser.parse_args(argv)
+    try:
+        print(plot_training(args.output_dir, args.out))
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plot":
+        return plot_main(argv[1:])
+    script_args, training_args, model_args, print_config = parse_args(argv)
+    if print_config:
+        print(format_config(script_args, training_args, model_args), end="")
+        return 0
+    train(script_args, training_args, model_args)
+    return 0

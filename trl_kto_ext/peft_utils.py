@@ -1,0 +1,67 @@
+"""LoRA / QLoRA helpers: a fail-fast check that bitsandbytes can run k-bit layers on the training device."""
+
+from __future__ import annotations
+
+import torch
+
+_LORA_HINT = (
+    "To train without quantization, run plain LoRA instead: drop `quantization_config` (YAML: set `load_in_4bit: "
+    "false` and `load_in_8bit: false`) and keep `peft_config=LoraConfig(...)` (YAML: `use_peft: true`); the "
+    "reference model is then the full-precision base with the adapters disabled."
+)
+
+
+def _kbit_error(device_type: str, reason: str) -> RuntimeError:
+    return RuntimeError(
+        f"QLoRA / k-bit loading (load_in_4bit / load_in_8bit) needs a bitsandbytes backend for the "
+        f"'{device_type}' device, but {reason}. Install a bitsandbytes build that supports '{device_type}' "
+        f"(see https://huggingface.co/docs/bitsandbytes/main/en/installation), or train on a device it supports. "
+        f"{_LORA_HINT}"
+    )
+
+
+def check_kbit_backend(device_type: str) -> None:
+    """Raises a `RuntimeError` that says what to do when bitsandbytes cannot run 4-bit layers on `device_type`.
+
+    Call it before loading a model with a `BitsAndBytesConfig`, so that the user learns about a missing backend
+    before the (possibly long) download and load, not from an error deep inside the first forward pass.
+
+    bitsandbytes (>= 0.45) registers its kernels as `torch.library` ops per device (`bitsandbytes.backends.*`) and
+    falls back to plain PyTorch implementations where it has them; a build whose native library does not match the
+    device only fails when a kernel is first called. So besides importing the package and checking
+    `bitsandbytes.supported_torch_devices`, this runs a 4-bit NF4 quantize / dequantize round trip (with double
+    quantization, as QLoRA uses) and a 4-bit matmul on a tiny tensor on the device.
+
+    Args:
+        device_type: `"cpu"`, `"cuda"`, `"xpu"`, ... (a device string such as `"cuda:0"` is accepted too).
+    """
+    device = torch.device(device_type)
+    name = device.type
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnb_functional
+    except Exception as err:  # ImportError, or a backend entry point that failed to load
+        raise _kbit_error(name, f"`import bitsandbytes` failed ({type(err).__name__}: {err})") from err
+
+    supported = getattr(bnb, "supported_torch_devices", None)
+    if supported is not None and name not in supported:
+        raise _kbit_error(
+            name, f"bitsandbytes {getattr(bnb, '__version__', '?')} supports only {sorted(supported)} devices"
+        )
+    try:
+        # One 64-value block: the smallest input every backend accepts, with a known exact round trip.
+        weight = torch.ones(1, 64, dtype=torch.float32, device=device)
+        packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+        restored = bnb_functional.dequantize_4bit(packed, state)
+        out = bnb.matmul_4bit(torch.ones(1, 64, dtype=torch.float32, device=device), packed.t(), quant_state=state)
+        synchronize = getattr(getattr(torch, device.type, None), "synchronize", None)
+        if device.type != "cpu" and synchronize is not None:
+            synchronize()  # asynchronous devices report kernel failures here
+    except Exception as err:
+        raise _kbit_error(
+            name, f"a 4-bit test on '{name}' failed ({type(err).__name__}: {str(err).strip()[:500]})"
+        ) from err
+    if not torch.allclose(restored.float().cpu(), weight.cpu()) or not torch.allclose(
+        out.float().cpu(), torch.full((1, 1), 64.0), rtol=1e-2
+    ):
+        raise _kbit_error(name, f"a 4-bit quantize/dequantize test on '{name}' returned wrong values")

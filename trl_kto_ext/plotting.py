@@ -1,0 +1,116 @@
+"""Training curves of a KTO run (rewards, margins, z0, lambda_D/lambda_U, loss) from its trainer_state.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+STATE_FILE = "trainer_state.json"
+DEFAULT_PLOT_NAME = "training_curves.png"
+
+# (panel title, y label, [(log key, legend label), ...]); eval_<key> curves are added when present.
+PANELS = [
+    ("Rewards", "beta * log-ratio", [("rewards/chosen", "chosen (desirable)"), ("rewards/rejected", "rejected")]),
+    ("Reward margin", "chosen - rejected", [("rewards/margins", "margin")]),
+    ("Reference point z0", "KL estimate", [("kl", "z0 = max(kl_raw, 0)"), ("kl_raw", "kl_raw (before clamp)")]),
+    ("Loss aversion", "weight", [("lambda_D", "lambda_D"), ("lambda_U", "lambda_U")]),
+    ("Loss", "loss", [("loss", "loss")]),
+]
+
+
+def find_state_file(path: str | Path) -> Path:
+    """`path` itself if it is a file, else `<path>/trainer_state.json`, else the one of its latest checkpoint-*."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"No such file or folder: {path}. Give a training output folder or a {STATE_FILE}.")
+    if (path / STATE_FILE).is_file():
+        return path / STATE_FILE
+    checkpoints = [p for p in path.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    for checkpoint in sorted(checkpoints, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        if (checkpoint / STATE_FILE).is_file():
+            return checkpoint / STATE_FILE
+    raise FileNotFoundError(
+        f"No {STATE_FILE} in {path} or in any checkpoint-* folder inside it. Point to the output_dir of a run that "
+        "has saved a checkpoint or finished training (the trainer writes the file at each save)."
+    )
+
+
+def load_log_history(state_file: str | Path) -> list[dict]:
+    """The `log_history` list of a trainer_state.json (ValueError with the file name if it cannot be read)."""
+    try:
+        state = json.loads(Path(state_file).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{state_file} is not valid JSON (line {err.lineno}: {err.msg}).") from None
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        raise ValueError(f"{state_file} has no `log_history` list; is it a transformers trainer_state.json?")
+    return [entry for entry in history if isinstance(entry, dict)]
+
+
+def series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of one logged metric; entries without it, or with a non-numeric value, are skipped."""
+    steps, values = [], []
+    for entry in history:
+        value = entry.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and "step" in entry:
+            steps.append(entry["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def plot_training(output_dir_or_state_file: str | Path, out_path: str | Path | None = None) -> str:
+    """Write a PNG of the KTO training curves against the step and return its path.
+
+    Reads `trainer_state.json` (in the folder, or in its latest `checkpoint-*` subfolder). Panels: rewards/chosen vs
+    rewards/rejected, rewards/margins, z0 (`kl`, `kl_raw`), lambda_D/lambda_U and loss, each with its `eval_` curves
+    when logged. Series missing from the log are skipped. Default output: `<folder>/training_curves.png`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    source = Path(output_dir_or_state_file).expanduser()
+    state_file = find_state_file(source)
+    history = load_log_history(state_file)
+    if out_path is None:
+        out_path = (source if source.is_dir() else state_file.parent) / DEFAULT_PLOT_NAME
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    panels = []
+    for title, ylabel, keys in PANELS:
+        curves = []
+        for color, (key, label) in enumerate(keys):
+            # lambda_D / lambda_U are settings, not measurements: their eval_ copies would only repeat them.
+            for prefix, style in (("", "-"), ("eval_", "--")) if not key.startswith("lambda") else (("", "-"),):
+                steps, values = series(history, prefix + key)
+                if steps:
+                    curves.append((steps, values, f"{prefix and 'eval '}{label}", style, f"C{color}"))
+        if curves:
+            panels.append((title, ylabel, curves))
+
+    n_cols = 2 if len(panels) > 1 else 1
+    n_rows = max(1, -(-len(panels) // n_cols))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(6 * n_cols, 3.2 * n_rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, (title, ylabel, curves) in zip(flat, panels):
+        for steps, values, label, style, color in curves:  # a metric and its eval_ twin share a colour
+            ax.plot(steps, values, style, color=color, marker="o" if len(steps) < 30 else None, ms=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in flat[len(panels) :]:
+        ax.axis("off")
+    if not panels:
+        flat[0].text(0.5, 0.5, f"No KTO metrics logged yet in\n{state_file}", ha="center", va="center")
+    fig.suptitle(f"KTO training curves: {state_file.parent.name}")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return str(out_path)
