@@ -21,6 +21,7 @@ import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .config import KTOExtConfig
+from .peft_utils import check_kbit_backend
 
 COLUMNS = ("prompt", "completion", "label", "chosen", "rejected")
 TINY_MODEL = "tiny"
@@ -274,6 +275,8 @@ def train(script_args, training_args, model_args) -> str:
     from .trainer import KTOExtTrainer
 
     resolve_model_path(model_args.model_name_or_path, build_tiny=False)  # a wrong path fails before data loading
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        check_kbit_backend(training_args.device.type)  # before any weights are loaded
     train_set, eval_set, heldout = load_datasets(script_args, training_args)
     model_path = resolve_model_path(model_args.model_name_or_path)
     threads = torch.get_num_threads()  # restored at the end (in-process callers, e.g. tests, keep their setting)

@@ -125,3 +125,16 @@ def _as_rng_state(state: Any) -> tuple:
     # JSON turns random.Random's (version, tuple, gauss_next) state into lists.
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
+
+
+def keep_kl_rows(batch: dict[str, Any], n_rows: int) -> dict[str, Any]:
+    """The batch with only its first `n_rows` KL rows (random rows: the pairing is random), padding trimmed."""
+    if batch["KL_input_ids"].size(0) <= n_rows:
+        return batch
+    batch = dict(batch)
+    width = int(batch["KL_attention_mask"][:n_rows].sum(-1).max())  # right padding: trailing columns are padding
+    for key in ("KL_input_ids", "KL_attention_mask", "KL_completion_mask"):
+        batch[key] = batch[key][:n_rows, :width]
+    if "ref_KL_logps" in batch:
+        batch["ref_KL_logps"] = batch["ref_KL_logps"][:n_rows]
+    return batch

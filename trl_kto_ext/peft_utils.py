@@ -65,3 +65,13 @@ def check_kbit_backend(device_type: str) -> None:
         out.float().cpu(), torch.full((1, 1), 64.0), rtol=1e-2
     ):
         raise _kbit_error(name, f"a 4-bit quantize/dequantize test on '{name}' returned wrong values")
+
+
+def asks_for_kbit(quantization_config, model_init_kwargs) -> bool:
+    """Whether a quantization config (object or dict, given directly or in model_init_kwargs) asks for 4/8-bit."""
+    configs = [quantization_config, (model_init_kwargs or {}).get("quantization_config")]
+    for config in configs:
+        values = config if isinstance(config, dict) else vars(config) if config is not None else {}
+        if any(values.get(key) for key in ("load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit")):
+            return True
+    return False

@@ -58,7 +58,7 @@ P_CORRECT_CARRY = 0.3
 WRONG_PLUS_ONE_SHARE = 0.5
 WRONG_MINUS_ONE_SHARE = 0.3
 
-PRETRAIN_STEPS = 500
+PRETRAIN_STEPS = 400
 PRETRAIN_BATCH_SIZE = 128
 PRETRAIN_LR = 3e-3
 # One thread makes the cached model bitwise reproducible on any machine, and for matrices this small a second thread

@@ -17,11 +17,12 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from . import guards, resume, validation
-from .collator import KTOExtCollator
+from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
 from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
 from .pairing import add_dataset_kl_pairing
+from .peft_utils import asks_for_kbit, check_kbit_backend
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
@@ -69,6 +70,8 @@ class KTOExtTrainer(KTOTrainer):
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
         args = _as_ext_config(args, model)
+        if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
+            check_kbit_backend(args.device.type)  # a clear message before any weights are loaded
         self._vocab_rows = validation.check_before_setup(model, args, kwargs)  # empty train set, pad token
         if ref_model is None and _needs_reference_copy(model, args, kwargs.get("peft_config")):
             # TRL reloads the reference from `model.config._name_or_path`, which fails for a model built in memory and
@@ -153,7 +156,7 @@ class KTOExtTrainer(KTOTrainer):
         batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         labels = batch["label"].bool()
         if self.calculate_KL and self.args.kl_subset_size is not None:
-            batch = _keep_kl_rows(batch, self.args.kl_subset_size)
+            batch = keep_kl_rows(batch, self.args.kl_subset_size)
         outputs = self._policy_forward(model, batch)
         logps = SequenceLogps(
             policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
@@ -293,7 +296,9 @@ class KTOExtTrainer(KTOTrainer):
         m["num_tokens"] = [self._total_train_tokens]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
+        # Read from the logs, not from `model.training`: the end-of-training summary comes after a final evaluation
+        # has left the model in eval mode.
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         # Row counts and skipped steps add up over the logging window; every other metric is averaged.
         metrics = {
             key: (sum(values) if key.startswith(("count/", "skipped/")) else sum(values) / len(values))
@@ -328,19 +333,6 @@ class KTOExtTrainer(KTOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         resume.load_pairing_state(self, checkpoint)  # before the resumed run collates its first batch
-
-
-def _keep_kl_rows(batch: dict[str, Any], n_rows: int) -> dict[str, Any]:
-    """The batch with only its first `n_rows` KL rows (random rows: the pairing is random), padding trimmed."""
-    if batch["KL_input_ids"].size(0) <= n_rows:
-        return batch
-    batch = dict(batch)
-    width = int(batch["KL_attention_mask"][:n_rows].sum(-1).max())  # right padding: trailing columns are padding
-    for key in ("KL_input_ids", "KL_attention_mask", "KL_completion_mask"):
-        batch[key] = batch[key][:n_rows, :width]
-    if "ref_KL_logps" in batch:
-        batch["ref_KL_logps"] = batch["ref_KL_logps"][:n_rows]
-    return batch
 
 
 def _pairing_seed(args) -> int:
