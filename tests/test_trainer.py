@@ -270,3 +270,33 @@ def test_dataset_pairing_never_pairs_a_prompt_with_itself(small_model, tiny_toke
     for r in rows:
         owners = by_completion[tuple(r["KL_completion_ids"])]
         assert owners - {tuple(r["prompt_ids"])}, "the KL completion must be written for another prompt"
+
+
+@pytest.mark.parametrize("from_path", [True, False])
+def test_reference_copy_runs_its_own_weights(tiny_default, tmp_path, from_path):
+    """With cached targets and per-batch KL pairs a reference copy is kept: it must stay at the initial weights even
+    though TRL patches the policy's forward (a plain deep copy's unfused forward would keep calling the policy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_default.model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_default.model_dir)
+    model = tiny_default.model_dir if from_path else AutoModelForCausalLM.from_pretrained(tiny_default.model_dir)
+    if not from_path:
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)  # as an earlier TRL trainer in the same session would have left it
+    trainer = KTOExtTrainer(
+        model=model,
+        args=cpu_args(tmp_path, precompute_ref_log_probs=True, per_device_train_batch_size=6),
+        train_dataset=make_kto_dataset(24, seed=12),
+        processing_class=tokenizer,
+    )
+    assert trainer.ref_model is not None
+    perturb_(trainer.model, scale=0.2, seed=3)
+    batch = {k: v for k, v in next(iter(trainer.get_train_dataloader())).items()}
+    kl = [batch[f"KL_{name}"] for name in ("input_ids", "attention_mask", "completion_mask")]
+    expected = sequence_logps(base, *kl).float()
+    assert torch.allclose(trainer._reference_kl_logps(batch).float(), expected, atol=1e-3)
+    assert not torch.allclose(sequence_logps(trainer.model, *kl).float(), expected, atol=1e-3)
+    # The plain forward (as `generate` uses it) of the reference runs the reference's weights too.
+    assert torch.allclose(sequence_logps(trainer.ref_model, *kl).float(), expected, atol=1e-3)

@@ -190,6 +190,7 @@ def train_one(
     method: str, model, tokenizer, pairs: Dataset, kto_rows: Dataset, lr: float, seed: int, cfg: dict, **kto
 ):
     """Trains `model` in place with SFT / DPO / KTO on the shared feedback data; returns (model, log, lambdas)."""
+    from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from .config import KTOExtConfig
@@ -218,8 +219,6 @@ def train_one(
             lambdas = (float(trainer.desirable_weight), float(trainer.undesirable_weight))
         else:
             raise ValueError(f"unknown method {method!r}")
-        from transformers import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)  # the per-step log dicts would flood the output
         trainer.train()
         history = list(trainer.state.log_history)

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback
 from trl import KTOConfig, KTOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import add_fused_lm_head, use_adapter
 
 from . import guards, resume, validation
 from .collator import KTOExtCollator, keep_kl_rows
@@ -76,7 +76,7 @@ class KTOExtTrainer(KTOTrainer):
         if ref_model is None and _needs_reference_copy(model, args, kwargs.get("peft_config")):
             # TRL reloads the reference from `model.config._name_or_path`, which fails for a model built in memory and
             # is wrong for one changed since loading (e.g. after SFT in the same notebook): copy the model as given.
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            ref_model = frozen_copy(model)
         self.loss_aversion: LossAversion | None = None
         self._uses_kl = args.loss_type != "apo_zero_unpaired"
         user_collator = data_collator
@@ -100,7 +100,8 @@ class KTOExtTrainer(KTOTrainer):
         if self.ref_model is None and self._kl_reference_needed_per_step() and not is_peft_model(self.model):
             # TRL frees the reference once it is cached; the KL rows of a per-batch pairing still need it each step.
             # Nothing has trained yet, so a copy of the policy is the reference.
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.ref_model = frozen_copy(self.model)
+            add_fused_lm_head(self.ref_model)
             if self.is_deepspeed_enabled:
                 self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
             else:
@@ -337,6 +338,19 @@ class KTOExtTrainer(KTOTrainer):
 
 def _pairing_seed(args) -> int:
     return args.kl_pairing_seed if args.kl_pairing_seed is not None else args.seed
+
+
+def frozen_copy(model):
+    """A frozen deep copy of `model` that runs its own weights.
+
+    TRL's fused LM head replaces `forward` on the instance with a closure over the original model's forward, which a
+    deep copy keeps: the copy would silently compute with the original's (trained) weights. The copy gets its class's
+    forward back; the caller adds a fused head of its own where it needs one.
+    """
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        module.__dict__.pop("forward", None)
+    return clone.eval().requires_grad_(False)
 
 
 def _needs_reference_copy(model, args, peft_config) -> bool:
