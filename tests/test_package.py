@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import trl
+
 import trl_kto_ext
 
 
