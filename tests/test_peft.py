@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import yaml
+from conftest import collated_batch, logged_losses, sequence_logps
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
@@ -64,26 +65,6 @@ def make_args(output_dir, **overrides):
     )
     values.update(overrides)
     return KTOExtConfig(**values)
-
-
-def logged_losses(trainer):
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
-def collated_batch(trainer, n_rows=8):
-    """The first `n_rows` training rows, collated by the trainer's collator and moved to its device."""
-    rows = [trainer.train_dataset[i] for i in range(n_rows)]
-    batch = trainer.data_collator(rows)
-    return {k: v.to(trainer.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def sequence_logps(model, batch, prefix=""):
-    """Independent computation: plain forward, log_softmax, gather the next tokens, sum over completion tokens."""
-    input_ids = batch[f"{prefix}input_ids"]
-    logits = model(input_ids=input_ids, attention_mask=batch[f"{prefix}attention_mask"]).logits.float()
-    per_token = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return (per_token * batch[f"{prefix}completion_mask"][:, 1:]).sum(-1)
 
 
 def distinct_parameter_numel(*modules):

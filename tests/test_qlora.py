@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import collated_batch, logged_losses, sequence_logps
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from trl import ModelConfig, get_peft_config, get_quantization_config
@@ -85,25 +86,6 @@ def make_args(output_dir, device, **overrides):
     )
     values.update(overrides)
     return KTOExtConfig(**values)
-
-
-def logged_losses(trainer):
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
-def collated_batch(trainer, n_rows=8):
-    rows = [trainer.train_dataset[i] for i in range(n_rows)]
-    batch = trainer.data_collator(rows)
-    return {k: v.to(trainer.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def sequence_logps(model, batch, prefix=""):
-    """Plain forward, log_softmax, gather the next tokens, sum over completion tokens."""
-    input_ids = batch[f"{prefix}input_ids"]
-    logits = model(input_ids=input_ids, attention_mask=batch[f"{prefix}attention_mask"]).logits.float()
-    per_token = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return (per_token * batch[f"{prefix}completion_mask"][:, 1:]).sum(-1)
 
 
 def checkpointing_on(model):
