@@ -1,0 +1,215 @@
+"""Arms, settings and the synthetic model/data of scripts/benchmark.py."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+# ------------------------------------------------------------------------------------------------------------ arms
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    label: str
+    trainer: str  # "sft" | "trl" | "ext"
+    precompute: bool = False
+    kl_pairing: str | None = None
+    kl_subset: bool = False
+    # Passes per optimizer step in theory (gradient checkpointing adds one recomputed forward inside the backward).
+    passes: str = ""
+    no_grad_forwards: float = 0.0  # no-gradient forwards per step, in units of one batch forward (k/B for a subset)
+    # Experimental: score only the completion positions in TRL's fused LM head on CPU too (see `_compact_lm_head`).
+    compact_head: bool = False
+
+
+EXPERIMENTAL_BASES = ("sft", "trl_default", "ext_default", "ext_cached", "ext_fastest")
+
+
+def experimental_arms(arms: list[Arm]) -> list[Arm]:
+    """`<arm>_compact` copies of some arms, with the fused LM head scoring only completion positions (evidence for a
+    suggested trainer change; not part of the six-arm comparison)."""
+    return [
+        replace(arm, name=f"{arm.name}_compact", label=f"{arm.label} + compact LM head", compact_head=True)
+        for arm in arms
+        if arm.name in EXPERIMENTAL_BASES
+    ]
+
+
+def arms_for(kl_subset_size: int, batch_size: int) -> list[Arm]:
+    frac = kl_subset_size / batch_size
+    return [
+        Arm("sft", "trl.SFTTrainer (desirable rows)", "sft", passes="1 fwd+bwd"),
+        Arm(
+            "trl_default",
+            "trl.KTOTrainer defaults (sequential)",
+            "trl",
+            passes="1 fwd+bwd + 3 fwd (policy KL, ref KL, ref target)",
+            no_grad_forwards=3,
+        ),
+        Arm(
+            "trl_precompute",
+            "trl.KTOTrainer precompute_ref_log_probs",
+            "trl",
+            precompute=True,
+            passes="1 fwd+bwd + 1 fwd (policy KL)",
+            no_grad_forwards=1,
+        ),
+        Arm(
+            "ext_default",
+            "KTOExtTrainer defaults (shuffled)",
+            "ext",
+            passes="1 fwd+bwd + 3 fwd (policy KL, ref KL, ref target)",
+            no_grad_forwards=3,
+        ),
+        Arm(
+            "ext_cached",
+            "KTOExtTrainer cached ref, dataset pairing (shuffled)",
+            "ext",
+            precompute=True,
+            kl_pairing="dataset",
+            passes="1 fwd+bwd + 1 fwd (policy KL)",
+            no_grad_forwards=1,
+        ),
+        Arm(
+            "ext_fastest",
+            f"KTOExtTrainer cached + kl_subset_size={kl_subset_size}",
+            "ext",
+            precompute=True,
+            kl_pairing="dataset",
+            kl_subset=True,
+            passes=f"1 fwd+bwd + {kl_subset_size}/{batch_size} fwd (policy KL)",
+            no_grad_forwards=frac,
+        ),
+    ]
+
+
+def forward_equivalents(arm: Arm, gradient_checkpointing: bool) -> float:
+    """Cost of a step in batch-forward units, taking a backward as two forwards (plus one recompute with GC)."""
+    return 3.0 + (1.0 if gradient_checkpointing else 0.0) + arm.no_grad_forwards
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+PRESETS = {
+    # ~1M parameters: a smoke test of every arm, not a measurement.
+    "quick": dict(
+        vocab_size=4096,
+        hidden_size=96,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=192,
+        prompt_len=(8, 16),
+        completion_len=(4, 12),
+        max_length=64,
+        warmup_steps=1,
+        steps=2,
+    ),
+    "full": dict(
+        vocab_size=32000,
+        hidden_size=256,
+        num_layers=6,
+        num_heads=4,
+        intermediate_size=1024,
+        prompt_len=(48, 96),
+        completion_len=(32, 128),
+        max_length=256,
+        warmup_steps=2,
+        steps=8,
+    ),
+}
+
+
+def settings_from_args(args) -> dict:
+    preset = dict(PRESETS["quick" if args.quick else "full"])
+    if args.steps is not None:
+        preset["steps"] = args.steps
+    if args.warmup_steps is not None:
+        preset["warmup_steps"] = args.warmup_steps
+    total_steps = preset["warmup_steps"] + preset["steps"]
+    return dict(
+        preset,
+        mode="quick" if args.quick else "full",
+        batch_size=args.batch_size,
+        kl_subset_size=args.kl_subset_size,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        threads=args.threads,
+        total_steps=total_steps,
+        n_rows=2 * math.ceil(args.batch_size * total_steps / 2),  # one epoch of the KTO data covers every step
+    )
+
+
+# ------------------------------------------------------------------------------------------------- child: data
+
+
+def build_tokenizer(vocab_size: int):
+    """WordLevel tokenizer over synthetic words "w0", "w1", ... split on whitespace, with pad/bos/eos/unk."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tokens = specials + [f"w{i}" for i in range(vocab_size - len(specials))]
+    backend = Tokenizer(models.WordLevel(vocab={tok: i for i, tok in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_input_names=["input_ids", "attention_mask"],
+        model_max_length=1 << 16,
+    )
+
+
+def build_rows(settings: dict) -> dict[str, list]:
+    """Prompt/completion/label columns of random words, exactly half desirable.
+
+    Lengths are drawn uniformly in the preset's ranges once per pair of rows, and each pair gives one desirable and one
+    undesirable row: the desirable rows alone (the SFT arm's data, two epochs of it) hold the same tokens as the whole
+    KTO set, so every arm trains on the same number of tokens."""
+    import random
+
+    rng = random.Random(settings["seed"])
+    n_words = settings["vocab_size"] - 4
+    n = settings["n_rows"]
+
+    def words(length):
+        return " ".join(f"w{rng.randrange(n_words)}" for _ in range(length))
+
+    examples = []
+    for _ in range(n // 2):
+        prompt_len, completion_len = rng.randint(*settings["prompt_len"]), rng.randint(*settings["completion_len"])
+        for label in (True, False):
+            examples.append((words(prompt_len), " " + words(completion_len), label))
+    rng.shuffle(examples)
+    return {
+        "prompt": [e[0] for e in examples],
+        "completion": [e[1] for e in examples],
+        "label": [e[2] for e in examples],
+    }
+
+
+def build_model(settings: dict, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=settings["hidden_size"],
+        num_hidden_layers=settings["num_layers"],
+        num_attention_heads=settings["num_heads"],
+        num_key_value_heads=settings["num_heads"],
+        intermediate_size=settings["intermediate_size"],
+        max_position_embeddings=max(512, settings["max_length"]),
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(settings["seed"])
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
