@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import collated_batch, logged_losses, sequence_logps
+from conftest import collated_batch, cpu_args, logged_losses, sequence_logps
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
@@ -49,22 +49,7 @@ def lora_config(**overrides):
 
 
 def make_args(output_dir, **overrides):
-    values = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    values.update(overrides)
-    return KTOExtConfig(**values)
+    return cpu_args(output_dir, **{"max_steps": 4, **overrides})
 
 
 def distinct_parameter_numel(*modules):
