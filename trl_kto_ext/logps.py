@@ -42,7 +42,7 @@ def trl_head_settings(model: torch.nn.Module) -> HeadSettings | None:
     """The settings of the TRL fused head patched on `model` (the causal LM itself), or None where there is none or
     its closure no longer has the expected names (another TRL version): the caller then keeps TRL's path."""
     func = getattr(model.__dict__.get("forward"), "__func__", None)
-    if func is None or func.__name__ != "_fused_forward":
+    if func is None or func.__code__.co_name != "_fused_forward":
         return None
     values = inspect.getclosurevars(func).nonlocals
     try:
