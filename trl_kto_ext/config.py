@@ -43,6 +43,10 @@ class KTOExtConfig(KTOConfig):
             KL rows' reference log-probs can be cached with `precompute_ref_log_probs`.
         kl_subset_size (`int` or `None`, defaults to `None`):
             Number of KL rows per batch used to estimate z0 (all when None).
+        ref_cache (`bool`, defaults to `True`):
+            Persist precomputed reference log-probs on disk, keyed by the reference weights and the tokenized data.
+        ref_cache_dir (`str` or `None`, defaults to `None`):
+            Where; None: `$TRL_KTO_EXT_REF_CACHE`, else `~/.cache/trl_kto_ext/ref_logps`.
         on_nonfinite_loss (`str`, defaults to `"raise"`):
             `"raise"` stops at a NaN/inf training loss with a message naming the step; `"skip"` gives that step a zero
             gradient and counts it in the `skipped/nonfinite_steps` metric.
@@ -92,6 +96,21 @@ class KTOExtConfig(KTOConfig):
         metadata={
             "help": "Estimate z0 from only this many KL rows of each batch (None: all of them). Fewer rows make the "
             "no-gradient KL passes cheaper but the estimate noisier; logged as `kl_rows`. Off by default."
+        },
+    )
+    ref_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "With precompute_ref_log_probs, keep the reference log-probs on disk keyed by a hash of every "
+            "reference weight and of the tokenized data (and precision, max_length), so a later run with the same "
+            "reference and data reads them instead of running the reference. The location and hit/miss are logged."
+        },
+    )
+    ref_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of the reference log-prob cache. None: $TRL_KTO_EXT_REF_CACHE, else "
+            "~/.cache/trl_kto_ext/ref_logps."
         },
     )
     on_nonfinite_loss: str = field(

@@ -17,9 +17,10 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, use_adapter
 
-from . import guards, resume, validation
+from . import guards, ref_cache, resume, validation
 from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
+from .fast_path import fast_path
 from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
 from .pairing import add_dataset_kl_pairing
@@ -129,8 +130,11 @@ class KTOExtTrainer(KTOTrainer):
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
         # Otherwise only the targets' are: the KL rows change with every batch, so theirs are computed per step.
         cache_kl = self._uses_kl and "KL_completion_ids" in dataset.column_names
+        # One length-sorted, completion-only pass over target and KL sequences together, persisted on disk by the
+        # reference weights' and the data's fingerprints (`ref_cache`); TRL's precompute where that does not apply.
         with _attribute(self, "calculate_KL", cache_kl):
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            result = ref_cache.precompute(self, dataset, name, batch_size)
+            return result if result is not None else super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _kl_reference_needed_per_step(self) -> bool:
         return self._uses_kl and self.precompute_ref_logps and self.args.kl_pairing == "batch"
@@ -204,6 +208,9 @@ class KTOExtTrainer(KTOTrainer):
         kwargs = self._model_kwargs(batch)
         if self.aux_loss_enabled:
             kwargs["output_router_logits"] = True
+        outputs = fast_path(self).policy_forward(model, batch, kwargs)  # completion positions only, bucketed
+        if outputs is not None:
+            return outputs
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         return model(**kwargs, labels=labels, fused_lm_head=True)
 
@@ -224,6 +231,10 @@ class KTOExtTrainer(KTOTrainer):
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         kwargs = {k: v for k, v in self._model_kwargs(batch).items() if k != "output_router_logits"}
         with self._reference() as ref:
+            if set(kwargs) == {"input_ids", "attention_mask", "use_cache"}:
+                fast = fast_path(self).sequence_logps(ref, batch, ("input_ids", "attention_mask", "completion_mask"))
+                if fast is not None:
+                    return fast
             per_token = ref(**kwargs, labels=labels, fused_lm_head=True).log_probs
         return per_token[:, -(batch["input_ids"].size(1) - 1) :].sum(-1)
 
@@ -232,6 +243,13 @@ class KTOExtTrainer(KTOTrainer):
             return batch["ref_KL_logps"].to(self.accelerator.device)
         with self._reference() as ref:
             return self._compute_kl_logps(ref, batch)
+
+    def _compute_kl_logps(self, model, batch):
+        # Log-probs only (no entropy / mean logits), completion positions only, length-bucketed; else TRL's.
+        keys = ("KL_input_ids", "KL_attention_mask", "KL_completion_mask")
+        only_text = set(self._model_kwargs(batch)) == {"input_ids", "attention_mask", "use_cache"}
+        fast = fast_path(self).sequence_logps(model, batch, keys) if self.calculate_KL and only_text else None
+        return fast if fast is not None else super()._compute_kl_logps(model, batch)
 
     def _global_reference_point(self, kl_logratios: torch.Tensor) -> torch.Tensor:
         """z0 before the clamp: the sum of KL log-ratios over all processes divided by their total count, so a
