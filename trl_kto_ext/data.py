@@ -12,35 +12,14 @@ from typing import Any
 
 import datasets
 import numpy as np
-from datasets import Dataset, DatasetDict, Value
+from datasets import Dataset, DatasetDict, IterableDataset, Value
+
+from .labels import decode_labels, is_decoded, label_values, normalize_label
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _FORMATS = ", ".join(_BUILDERS)
 # Suffixes that mean "a file the user meant to read" even though we cannot: they must not fall through to the Hub.
 _OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".pkl", ".yaml", ".yml"}
-_TRUE = "true 1 desirable good up thumbs_up 👍 yes positive chosen".split()
-_FALSE = "false 0 undesirable bad down thumbs_down 👎 no negative rejected".split()
-_LABELS = {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}
-_ACCEPTED = "bools, 0/1 (int or float) or, case-insensitive, " + ", ".join(
-    f"{t!r}/{f!r}" for t, f in zip(_TRUE, _FALSE)
-)
-
-
-def normalize_label(value: Any, row: int) -> bool:
-    """Map a desirable/undesirable marker (bool, 0/1, 'good'/'bad', '👍'/'👎', ...) to a bool; ValueError otherwise."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, numbers.Real) and value in (0, 1):  # ints, numpy ints, 0.0/1.0; NaN and 0.5 fall through
-        return bool(value)
-    if isinstance(value, str):
-        # Normalise spelling variants ("Thumbs-Up", " 👍️ ") instead of listing them all.
-        key = value.strip().lower().replace("\ufe0f", "").replace("-", "_").replace(" ", "_")
-        if key in _LABELS:
-            return _LABELS[key]
-    raise ValueError(
-        f"Unrecognised label {value!r} at row {row}. Accepted labels: {_ACCEPTED}. "
-        "Fix the value in the data, or map it to one of these before loading."
-    )
 
 
 def _plain(dataset: Dataset) -> Dataset:
@@ -62,12 +41,12 @@ def _check_fraction(name: str, value: float) -> None:
 
 
 def count_labels(dataset: Dataset) -> tuple[int, int]:
-    """Return (n_desirable, n_undesirable), checking that every `label` is a Python bool."""
+    """Return (n_desirable, n_undesirable), checking that every `label` is a bool (a `ClassLabel` is read by name)."""
     dataset = _check_dataset(dataset)
     if "label" not in dataset.column_names:
         raise ValueError(f"No 'label' column (columns: {dataset.column_names}); run prepare_unpaired() first.")
     n_true = 0
-    for row, value in enumerate(_plain(dataset)["label"]):
+    for row, value in enumerate(label_values(dataset)):
         if not isinstance(value, bool):
             raise ValueError(f"label at row {row} is {value!r}, not a bool; run prepare_unpaired() to convert labels.")
         n_true += value
@@ -94,14 +73,20 @@ def _check_text_columns(dataset: Dataset, columns: list[str]) -> None:
                 raise ValueError(f"{column} at row {row} is empty ({value!r}); fill in or drop that row.")
 
 
-def unpair_paired_dataset(dataset: Dataset, seed: int = 0) -> Dataset:
+def unpair_paired_dataset(dataset, seed: int | None = 0):
     """Turn (prompt, chosen, rejected) pairs into alternating (prompt, chosen, True), (prompt, rejected, False) rows.
 
-    Pairs are shuffled with `seed`; each pair's two rows are adjacent, chosen first, so labels strictly alternate and
-    every window of two or more consecutive rows holds both labels (sequential batches always mix). Extra columns are
-    copied to both rows.
+    The one conversion of paired data, used by `prepare_unpaired`, the CLI and `KTOExtTrainer`. Pairs are shuffled
+    with `seed` (`None` keeps their order); each pair's two rows are adjacent, chosen first, so labels strictly
+    alternate and every window of two or more consecutive rows holds both labels (sequential batches always mix).
+    Extra columns are copied to both rows. A conversational pair without a `prompt` column has its shared leading
+    messages moved to `prompt` (TRL's `maybe_extract_prompt`). An `IterableDataset` is converted lazily, in order.
+    Prints one line, e.g. `40 pairs -> 80 unpaired rows, interleaved`.
     """
+    if isinstance(dataset, IterableDataset):
+        return _unpair_stream(dataset)
     dataset = _check_dataset(dataset)
+    dataset = _extract_prompt(dataset)
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
     if missing:
         raise ValueError(f"Paired data needs prompt, chosen, rejected; missing {missing} in {dataset.column_names}.")
@@ -118,9 +103,66 @@ def unpair_paired_dataset(dataset: Dataset, seed: int = 0) -> Dataset:
         raise ValueError(f"chosen/rejected types differ ({err}); make both text or both message lists.") from None
     # Concatenate then reorder through an index map: no per-row Python copies of the text.
     order = np.empty(2 * n, dtype=np.int64)
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
     order[0::2], order[1::2] = perm, perm + n
+    _say(f"{n} pairs -> {2 * n} unpaired rows, interleaved")
     return datasets.concatenate_datasets([chosen, rejected]).select(order)
+
+
+def as_unpaired(dataset, seed: int | None = None):
+    """Any dataset the trainer accepts, as unpaired rows with boolean labels (the trainer's entry conversion).
+
+    A `ClassLabel` label column becomes booleans by its class names (ValueError for names it cannot read); paired
+    rows go through `unpair_paired_dataset` (pairs kept side by side; `seed=None` keeps their order). Other
+    datasets and types are returned unchanged.
+    """
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        return dataset
+    columns = dataset.column_names
+    if columns is None:  # a stream without known features: look at its first row
+        columns = list(next(iter(dataset), {}))
+    if is_paired(columns):
+        return unpair_paired_dataset(dataset, seed=seed)
+    return decode_labels(dataset) if "label" in columns else dataset
+
+
+def is_paired(columns) -> bool:
+    """Whether rows with these columns are paired (chosen/rejected) rather than unpaired (completion/label)."""
+    columns = set(columns)
+    return {"chosen", "rejected"} <= columns and not {"completion", "label"} <= columns
+
+
+def _extract_prompt(dataset: Dataset) -> Dataset:
+    if "prompt" in dataset.column_names or not len(dataset) or not isinstance(_plain(dataset)[0]["chosen"], list):
+        return dataset
+    from trl.data_utils import maybe_extract_prompt  # lazy: importing trl is slow
+
+    return dataset.map(maybe_extract_prompt, desc="Extracting prompts")
+
+
+def _unpair_stream(dataset: IterableDataset) -> IterableDataset:
+    from trl.data_utils import maybe_extract_prompt
+
+    def interleave(batch: dict[str, list]) -> dict[str, list]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        out: dict[str, list] = {}
+        for row in rows:
+            row = maybe_extract_prompt(row) if "prompt" not in row else row
+            chosen, rejected = row.pop("chosen"), row.pop("rejected")
+            for completion, label in ((chosen, True), (rejected, False)):
+                for key, value in {**row, "completion": completion, "label": label}.items():
+                    out.setdefault(key, []).append(value)
+        return out
+
+    _say("paired stream -> unpaired rows (2 per pair), interleaved")
+    return dataset.map(interleave, batched=True, remove_columns=["chosen", "rejected"])
+
+
+def _say(message: str) -> None:
+    from accelerate import PartialState
+
+    if not PartialState._shared_state or PartialState().is_main_process:
+        print(message, flush=True)
 
 
 def subsample_class(
@@ -189,11 +231,9 @@ def prepare_unpaired(
     if len(dataset) == 0:
         raise ValueError(f"The dataset has 0 rows (columns: {dataset.column_names}); load a file/split with data.")
 
-    paired = not {"completion", "label"} <= cols and {"chosen", "rejected"} <= cols
-    if paired and "prompt" not in cols and isinstance(_plain(dataset)[0]["chosen"], list):
-        from trl.data_utils import maybe_extract_prompt  # lazy: importing trl is slow
-
-        dataset = dataset.map(maybe_extract_prompt, desc="Extracting prompts")
+    paired = is_paired(cols)
+    if paired:
+        dataset = _extract_prompt(dataset)
         cols = set(dataset.column_names)
     needed = ["prompt", "chosen", "rejected"] if paired else ["prompt", "completion", "label"]
     missing = [c for c in needed if c not in cols]
@@ -208,7 +248,7 @@ def prepare_unpaired(
     _check_text_columns(dataset, needed[:2] if not paired else needed)
     if paired:
         dataset = unpair_paired_dataset(dataset, seed=seed)
-    elif dataset.features["label"] != Value("bool") or dataset.data.column("label").null_count:
+    elif not is_decoded(dataset := decode_labels(dataset)):  # a ClassLabel is read by its names, never its codes
         labels = [normalize_label(v, row) for row, v in enumerate(_plain(dataset)["label"])]
         order = dataset.column_names  # add_column appends at the end; restore the user's column order
         dataset = dataset.remove_columns("label").add_column("label", labels, feature=Value("bool"))

@@ -19,6 +19,7 @@ from trl.trainer.utils import add_fused_lm_head, use_adapter
 from . import guards, resume, validation
 from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
+from .data import as_unpaired
 from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
 from .pairing import add_dataset_kl_pairing
@@ -112,6 +113,9 @@ class KTOExtTrainer(KTOTrainer):
     # ----------------------------------------------------------------------------------------------- data set-up
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         validation.check_dataset(dataset, processing_class, dataset_name)
+        # Labels read by meaning (a ClassLabel by its names) and pairs unpaired side by side, by the conversion that
+        # prepare_unpaired and the CLI use; TRL's own unpairing would put every chosen row before every rejected one.
+        dataset = as_unpaired(dataset)
         if dataset_name == "train":
             self._set_loss_aversion(dataset, args)
         # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids` (its rotation

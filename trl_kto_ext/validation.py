@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 
+from .labels import decode_labels
+
 logger = logging.getLogger(__name__)
 
 _SHOWN_ROWS = 5  # rows listed in a message
@@ -112,8 +114,11 @@ def embedding_rows(model, args=None) -> int | None:
 def check_dataset(dataset, processing_class, name: str) -> None:
     """Columns, labels and text of a dataset given to the trainer, before tokenization.
 
-    A map-style Dataset is checked row by row; an IterableDataset on its first rows only.
+    A map-style Dataset is checked row by row; an IterableDataset on its first rows only. A `ClassLabel` label is
+    read by its class names (ValueError when they are not recognised).
     """
+    if isinstance(dataset, (Dataset, IterableDataset)):
+        dataset = decode_labels(dataset)
     if isinstance(dataset, Dataset):
         check_not_empty(dataset, name)
         columns = dataset.column_names
