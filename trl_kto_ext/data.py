@@ -15,6 +15,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset, Value
 
 from .labels import decode_labels, is_decoded, label_values, normalize_label
+from .messages import has_payload
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _FORMATS = ", ".join(_BUILDERS)
@@ -56,10 +57,8 @@ def count_labels(dataset: Dataset) -> tuple[int, int]:
 def _is_blank(value: Any) -> bool:
     if isinstance(value, str):
         return not value.strip()
-    if isinstance(value, list):  # conversational: blank only if no message carries any content
-        return all(_is_blank(m.get("content") if isinstance(m, dict) else m) for m in value)
-    if isinstance(value, dict):  # multimodal content part: {"type": "text", "text": ...} or an image/audio part
-        return _is_blank(value.get("text")) if value.get("type", "text") == "text" else False
+    if isinstance(value, list):  # conversational: blank only if no message carries content, tool calls, ...
+        return not any(has_payload(m) if isinstance(m, dict) else not _is_blank(m) for m in value)
     return value is None
 
 

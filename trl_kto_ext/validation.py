@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 
 from .labels import decode_labels
+from .messages import check_rendered, structure_problem
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,10 @@ def check_dataset(dataset, processing_class, name: str) -> None:
         check_labels(values("label"), name)
     if _check_text(text_columns, values, name):
         check_chat_template(processing_class, name)
+        extra = [c for c in ("prompt", "tools", "chat_template_kwargs") if c in columns and c not in text_columns]
+        table = {c: values(c) for c in (*text_columns, *extra)}
+        rows = [dict(zip(table, row)) for row in zip(*table.values())]
+        check_rendered(processing_class, rows, text_columns, name)
 
 
 def _check_columns(columns: list[str], values, name: str) -> list[str]:
@@ -175,49 +180,16 @@ def check_labels(labels: list[Any], name: str) -> None:
         )
 
 
-def _text_problem(value: Any) -> tuple[str, str] | None:
-    """(kind, description) of what is wrong with a prompt/completion value, or None."""
-    if value is None:
-        return "empty", "is missing (None)"
-    if isinstance(value, str):
-        return ("empty", f"is empty ({value!r})") if not value.strip() else None
-    if not isinstance(value, list):
-        return "type", f"is a {type(value).__name__} ({str(value)[:60]!r}), not text or a list of messages"
-    if not value:
-        return "empty", "is an empty list of messages"
-    for k, message in enumerate(value):
-        if not isinstance(message, dict):
-            return "messages", f"is not a list of {{'role', 'content'}} messages: message {k} is {message!r}"
-        if not isinstance(message.get("role"), str) or not message["role"]:
-            return "messages", f"is not a list of {{'role', 'content'}} messages: message {k} has no 'role'"
-        if not isinstance(message.get("content"), (str, list)):
-            return "messages", f"is not a list of {{'role', 'content'}} messages: message {k} has no 'content'"
-    if all(_blank_content(m["content"]) for m in value):
-        return "empty", "is empty (no message has any content)"
-    return None
-
-
-def _blank_content(content: str | list) -> bool:
-    if isinstance(content, str):
-        return not content.strip()
-    # Multimodal parts: blank only when every part is a text part without text.
-    return all(_blank_part(part) for part in content)
-
-
-def _blank_part(part: Any) -> bool:
-    return isinstance(part, dict) and part.get("type", "text") == "text" and not str(part.get("text") or "").strip()
-
-
 def _check_text(columns: list[str], values, name: str) -> bool:
     """Checks every prompt/completion value; returns whether the rows are conversational."""
     kinds = {}
     for column in columns:
         column_values = values(column)
-        problems = [(row, p) for row, v in enumerate(column_values) if (p := _text_problem(v)) is not None]
+        problems = [(row, p) for row, v in enumerate(column_values) if (p := structure_problem(v)) is not None]
         if problems:
             row, (kind, description) = problems[0]
             keep = (
-                f"any(m['content'].strip() for m in r['{column}'])"
+                f"any((m.get('content') or '').strip() for m in r['{column}'])"
                 if isinstance(column_values[row], list)
                 else f"r['{column}'].strip()"
             )
