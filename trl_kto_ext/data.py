@@ -323,6 +323,7 @@ def load_unpaired_dataset(
     """
     # Every keyword after dataset_config is passed on unchanged; collect them before any other local exists.
     options = {k: v for k, v in locals().items() if k not in ("dataset_name", "split", "dataset_config")}
+    text_columns = [prompt_column, completion_column, chosen_column, rejected_column]
     path = Path(dataset_name).expanduser()
     suffix = path.suffix.lower()
     looks_local = suffix in _BUILDERS or suffix in _OTHER_FILE_SUFFIXES or dataset_name.startswith(("/", ".", "~"))
@@ -331,7 +332,11 @@ def load_unpaired_dataset(
         if path.is_file():
             if suffix not in _BUILDERS:
                 raise ValueError(f"Unsupported file type {suffix or '(none)'!r} for {path}; convert it to {_FORMATS}.")
-            dataset = _load(_BUILDERS[suffix], dataset_name, split, data_files=str(path))
+            # CSV cells are text: read the text columns as written ("27", "007"), not as inferred numbers.
+            csv = {"converters": dict.fromkeys(text_columns, str)} if suffix == ".csv" else {}
+            dataset = _load(_BUILDERS[suffix], dataset_name, split, data_files=str(path), **csv)
+            if suffix in (".json", ".jsonl"):
+                dataset = _json_text(dataset, path, text_columns)
         elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, DatasetDict):
@@ -354,7 +359,46 @@ def load_unpaired_dataset(
             f"{dataset_name!r} is not a local path and could not be loaded from the Hub ({err}). Check the spelling, "
             "your network / HF_TOKEN, or pass a local .jsonl/.json/.csv/.parquet file."
         ) from None
-    return prepare_unpaired(dataset, **options)
+    return prepare_unpaired(_as_text(dataset, text_columns), **options)
+
+
+def _json_text(dataset: Dataset, path: Path, columns: list[str]) -> Dataset:
+    """Text columns that JSON typed as numbers (27 -> 27.0 next to a 2.5) or mixed (Json), re-read as written."""
+    bad = [c for c in dict.fromkeys(columns) if c in dataset.features and _not_text(dataset.features[c])]
+    if not bad:
+        return dataset
+    text = path.read_text(encoding="utf-8")
+    rows = (
+        json.loads(text)
+        if path.suffix == ".json"
+        else [json.loads(line) for line in text.splitlines() if line.strip()]
+    )
+    if not isinstance(rows, list) or len(rows) != len(dataset) or not all(isinstance(r, dict) for r in rows):
+        return dataset  # another JSON layout: cast what was loaded instead
+    for column in bad:
+        values = [_as_str(row.get(column)) for row in rows]
+        order = dataset.column_names
+        dataset = dataset.remove_columns(column).add_column(column, values).select_columns(order)
+    return dataset
+
+
+def _not_text(feature) -> bool:
+    return not isinstance(feature, (Value, list, datasets.List)) or (
+        isinstance(feature, Value) and feature.dtype not in ("string", "large_string", "null")
+    )
+
+
+def _as_str(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _as_text(dataset: Dataset, columns: list[str]) -> Dataset:
+    """Number or bool columns among the text columns cast to strings (a JSON `27` or a CSV folder's inferred ints)."""
+    for column in dict.fromkeys(columns):
+        feature = dataset.features.get(column)
+        if isinstance(feature, Value) and feature.dtype not in ("string", "large_string", "null"):
+            dataset = dataset.cast_column(column, Value("string"))
+    return dataset
 
 
 def train_eval_split(dataset: Dataset, eval_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
