@@ -6,6 +6,7 @@ import json
 import math
 import numbers
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .messages import has_payload
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _FORMATS = ", ".join(_BUILDERS)
+_HUB_TIMEOUT_S = 5  # seconds to wait for a TCP connection to the Hub before giving up
 # Suffixes that mean "a file the user meant to read" even though we cannot: they must not fall through to the Hub.
 _OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".pkl", ".yaml", ".yml"}
 
@@ -351,10 +353,17 @@ def load_unpaired_dataset(
         elif looks_local:
             raise FileNotFoundError(f"No such file or folder: {path}. Give a {_FORMATS} file or a dataset folder.")
         else:
+            _check_hub_reachable(dataset_name)
             dataset = _load(dataset_name, dataset_name, split, name=dataset_config)
     except datasets.exceptions.DatasetGenerationError as err:
         raise _parse_error(path, err) from None
     except (datasets.exceptions.DatasetNotFoundError, ConnectionError) as err:
+        if datasets.config.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"{dataset_name!r} is not a local path, and with HF_HUB_OFFLINE=1 only the local Hub cache is read: it "
+                f"is not there. Pass a local {_FORMATS} file or a dataset folder, or unset HF_HUB_OFFLINE on a machine "
+                "with network access."
+            ) from None
         raise FileNotFoundError(
             f"{dataset_name!r} is not a local path and could not be loaded from the Hub ({err}). Check the spelling, "
             "your network / HF_TOKEN, or pass a local .jsonl/.json/.csv/.parquet file."
@@ -399,6 +408,30 @@ def _as_text(dataset: Dataset, columns: list[str]) -> Dataset:
         if isinstance(feature, Value) and feature.dtype not in ("string", "large_string", "null"):
             dataset = dataset.cast_column(column, Value("string"))
     return dataset
+
+
+def _check_hub_reachable(dataset_name: str) -> None:
+    """FileNotFoundError in one line, at once, when the Hub is needed but cannot be reached.
+
+    Without it, `datasets` retries for about 30 s and logs raw connection errors. Offline mode is left to `datasets`,
+    which then reads its local cache only (and fails at once when the dataset is not there).
+    """
+    if datasets.config.HF_HUB_OFFLINE:
+        return
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_HUB_TIMEOUT_S).close()
+    except OSError as err:
+        raise FileNotFoundError(
+            f"{dataset_name!r} is not a local path, and the Hub ({constants.ENDPOINT}) cannot be reached "
+            f"({err.strerror or err}). Check the spelling of a local path, your network, or set HF_HUB_OFFLINE=1 to "
+            "load a dataset from the local Hub cache."
+        ) from None
 
 
 def train_eval_split(dataset: Dataset, eval_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:

@@ -45,6 +45,45 @@ def check_before_setup(model, args, trainer_kwargs: dict[str, Any]) -> int | Non
     return embedding_rows(model, args)
 
 
+def fit_max_length(model, args) -> None:
+    """Keeps `args.max_length` within the model's positions (`max_position_embeddings` of its text config).
+
+    Left at its default and larger than the model's limit, it is lowered to the limit (one line says so); set by the
+    user above the limit, ValueError: tokens past the last position would index out of the position table.
+    """
+    limit = _position_limit(model, args)
+    if limit is None or args.max_length is None or args.max_length <= limit:
+        return
+    default = type(args).__dataclass_fields__["max_length"].default
+    if args.max_length != default:
+        raise ValueError(
+            f"max_length={args.max_length} is longer than the model supports: its max_position_embeddings is {limit}, "
+            f"so tokens past position {limit} have no position embedding. Set max_length to {limit} or less."
+        )
+    if _main_process():
+        print(f"max_length lowered from its default {default} to {limit}, the model's max_position_embeddings.")
+    args.max_length = limit
+
+
+def _position_limit(model, args) -> int | None:
+    config = getattr(model, "config", None)
+    if isinstance(model, str):
+        try:
+            from transformers import AutoConfig
+
+            init_kwargs = getattr(args, "model_init_kwargs", None) or {}
+            config = AutoConfig.from_pretrained(
+                model,
+                revision=init_kwargs.get("revision"),
+                trust_remote_code=getattr(args, "trust_remote_code", False),
+            )
+        except Exception:  # a check must not fail where loading the model itself may still work
+            return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def check_not_empty(dataset, name: str) -> None:
     if isinstance(dataset, Dataset):
         empty = len(dataset) == 0
