@@ -19,11 +19,11 @@ from trl.trainer.utils import add_fused_lm_head, use_adapter
 from . import guards, resume, validation
 from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
-from .data import as_unpaired
 from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
 from .pairing import add_dataset_kl_pairing
 from .peft_utils import asks_for_kbit, check_kbit_backend
+from .unpairing import as_unpaired
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
