@@ -175,3 +175,21 @@ def test_prepare_unpaired_and_cli_print_the_conversion(tmp_path, capsys):
     assert train["label"] == [True, False] * N_PAIRS
     labels = torch.tensor(train["label"]).view(-1, 8)
     assert int((labels.any(1) & ~labels.all(1)).sum()) == 10
+
+
+def test_streams_are_converted_the_same_way(capsys):
+    from trl_kto_ext.unpairing import as_unpaired
+
+    rows = list(as_unpaired(_text_pairs(3).to_iterable_dataset()))
+    assert [(r["prompt"], r["completion"], r["label"]) for r in rows] == [
+        ("0+1=", "1", True), ("0+1=", "2", False), ("1+1=", "2", True), ("1+1=", "3", False), ("2+1=", "3", True),
+        ("2+1=", "4", False),
+    ]  # fmt: skip
+    assert capsys.readouterr().out.splitlines() == ["paired stream -> unpaired rows (2 per pair), interleaved"]
+    chats = list(as_unpaired(_conversation_pairs(2).to_iterable_dataset()))
+    assert [r["prompt"] for r in chats] == [[{"role": "user", "content": "0+1="}]] * 2 + [
+        [{"role": "user", "content": "1+1="}]
+    ] * 2
+    assert [r["completion"][0]["content"] for r in chats] == ["1", "2", "2", "3"]
+    stream = as_unpaired(_class_label_rows(FAMILIES[0]).to_iterable_dataset())
+    assert [r["label"] for r in stream] == MEANING
