@@ -193,3 +193,13 @@ def test_streams_are_converted_the_same_way(capsys):
     assert [r["completion"][0]["content"] for r in chats] == ["1", "2", "2", "3"]
     stream = as_unpaired(_class_label_rows(FAMILIES[0]).to_iterable_dataset())
     assert [r["label"] for r in stream] == MEANING
+
+
+def test_subsample_class_reads_class_label_names():
+    from trl_kto_ext.data import subsample_class
+
+    # Keep every desirable row and 1 of the 4 undesirable ones: the kept labels show which class was subsampled.
+    kept = subsample_class(_class_label_rows(FAMILIES[0]), undesirable_fraction=0.25, seed=0)
+    assert len(kept) == 5
+    assert list(kept["label"]).count(0) == 4  # code 0 is "desirable" here
+    assert prepare_unpaired(kept)["label"].count(True) == 4

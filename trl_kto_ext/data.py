@@ -72,7 +72,7 @@ def subsample_class(
     _check_fraction("desirable_fraction", desirable_fraction)
     _check_fraction("undesirable_fraction", undesirable_fraction)
     count_labels(dataset)  # validates the label column
-    labels = np.asarray(_plain(dataset)["label"], dtype=bool)
+    labels = np.asarray(label_values(dataset), dtype=bool)  # a ClassLabel by its names
     rng = np.random.default_rng(seed)
     keep = []
     for flag, fraction in ((True, desirable_fraction), (False, undesirable_fraction)):
