@@ -129,3 +129,12 @@ def test_explicit_max_length_beyond_the_model_positions_is_an_error(small_model,
         "max_length=100 is longer than the model supports: its max_position_embeddings is 64, so tokens past "
         "position 64 have no position embedding. Set max_length to 64 or less."
     )
+
+
+def test_max_length_beyond_the_model_on_the_command_line(tiny_default, tmp_path):
+    argv = ["--model_name_or_path", "tiny", "--dataset_name", "tiny-arithmetic", "--max_length", "100"]
+    message = _error([*argv, "--tiny_train_rows", "16", "--eval_strategy", "no", "--output_dir", str(tmp_path)])
+    assert message == (
+        "trl-kto-ext: error: --max_length 100 is longer than the model supports: its max_position_embeddings is 64, "
+        "so tokens past position 64 have no position embedding. Set --max_length to 64 or less."
+    )

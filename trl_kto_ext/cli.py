@@ -271,7 +271,8 @@ def load_datasets(script_args, training_args):
 
 # Keyword arguments of trl_kto_ext.data that are also options of this command, as messages name them in Python.
 _KEYWORDS = re.compile(
-    r"(?<![\w-])((?:prompt|completion|label|chosen|rejected)_column|(?:un)?desirable_fraction|eval_fraction)(=\s?)?"
+    r"(?<![\w-])((?:prompt|completion|label|chosen|rejected)_column|(?:un)?desirable_fraction|eval_fraction"
+    r"|max_length)(=\s?)?"
 )
 
 
@@ -325,10 +326,13 @@ def train(script_args, training_args, model_args) -> str:
     tokenizer = AutoTokenizer.from_pretrained(model_path, **hub_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    trainer = KTOExtTrainer(
-        model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        peft_config=get_peft_config(model_args), quantization_config=quantization_config,
-    )  # fmt: skip
+    try:  # the trainer's input checks raise ValueError with the problem and its fix: one line, in flag words
+        trainer = KTOExtTrainer(
+            model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
+            peft_config=get_peft_config(model_args), quantization_config=quantization_config,
+        )  # fmt: skip
+    except ValueError as err:
+        _fail(as_flags(str(err)))
     main_process = trainer.is_world_process_zero()
     if heldout is not None and main_process:
         from .tiny import greedy_accuracy
