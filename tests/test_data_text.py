@@ -36,3 +36,19 @@ def test_jsonl_numbers_are_text(tmp_path):
     assert ds["prompt"] == ["What is 18+9?", "5"]
     assert ds["completion"] == ["27", "2.5"]  # as written: not 27.0, the float64 Arrow infers for the column
     assert ds["label"] == [True, False]
+
+
+def test_csv_folder_and_parquet_numbers_are_text(tmp_path):
+    import pandas as pd
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.csv").write_text("prompt,completion,label\nWhat is 18+9?,27,True\n")
+    (folder / "b.csv").write_text("prompt,completion,label\nWhat is 3+4?,007,False\n")
+    ds = load_unpaired_dataset(str(folder))
+    assert sorted(zip(ds["completion"], ds["label"])) == [("007", False), ("27", True)]
+    pd.DataFrame({"prompt": ["What is 18+9?", "What is 3+4?"], "completion": [27, 8], "label": [1, 0]}).to_parquet(
+        tmp_path / "d.parquet"
+    )
+    ds = load_unpaired_dataset(str(tmp_path / "d.parquet"))
+    assert ds["completion"] == ["27", "8"] and ds["label"] == [True, False]

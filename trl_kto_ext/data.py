@@ -222,6 +222,7 @@ def load_unpaired_dataset(
     # Every keyword after dataset_config is passed on unchanged; collect them before any other local exists.
     options = {k: v for k, v in locals().items() if k not in ("dataset_name", "split", "dataset_config")}
     text_columns = [prompt_column, completion_column, chosen_column, rejected_column]
+    converters = dict.fromkeys(text_columns, str)  # CSV cells of text columns as written ("007", "2.50")
     path = Path(dataset_name).expanduser()
     suffix = path.suffix.lower()
     looks_local = suffix in _BUILDERS or suffix in _OTHER_FILE_SUFFIXES or dataset_name.startswith(("/", ".", "~"))
@@ -231,7 +232,7 @@ def load_unpaired_dataset(
             if suffix not in _BUILDERS:
                 raise ValueError(f"Unsupported file type {suffix or '(none)'!r} for {path}; convert it to {_FORMATS}.")
             # CSV cells are text: read the text columns as written ("27", "007"), not as inferred numbers.
-            csv = {"converters": dict.fromkeys(text_columns, str)} if suffix == ".csv" else {}
+            csv = {"converters": converters} if suffix == ".csv" else {}
             dataset = _load(_BUILDERS[suffix], dataset_name, split, data_files=str(path), **csv)
             if suffix in (".json", ".jsonl"):
                 dataset = _json_text(dataset, path, text_columns)
@@ -245,7 +246,9 @@ def load_unpaired_dataset(
                 raise ValueError(f"{path} holds a single Dataset without splits; pass split='train' (got {split!r}).")
             dataset = loaded
         elif path.is_dir():
-            dataset = _load(path, dataset_name, split)
+            files = [f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")]
+            all_csv = files and all(f.suffix.lower() == ".csv" for f in files)
+            dataset = _load(path, dataset_name, split, **({"converters": converters} if all_csv else {}))
         elif looks_local:
             raise FileNotFoundError(f"No such file or folder: {path}. Give a {_FORMATS} file or a dataset folder.")
         else:
