@@ -92,12 +92,29 @@ def load_yaml_config(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             config = yaml.load(f, Loader=_YamlLoader)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
-        _fail(f"malformed YAML in {where}: {getattr(err, 'problem', None) or err}. Fix the syntax there.")
+        _fail(f"malformed YAML in {_yaml_error(err, path)}. Fix the syntax there.")
     if not isinstance(config, dict | None):
         _fail(f"config file {path} must hold a mapping of `option: value` lines, got a {type(config).__name__}.")
     return config or {}
+
+
+def _yaml_error(err: yaml.YAMLError, path: str) -> str:
+    """'FILE, line L, column C: problem', at the line where the faulty construct starts.
+
+    PyYAML marks where it noticed the problem (for `max_steps 5` on line 3, the start of line 4); its context mark,
+    when earlier, is where the faulty key, bracket or quote begins: that is the line to report.
+    """
+    problem, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+    if problem is None:
+        return f"{path}: {err}"
+    text = getattr(err, "problem", None) or str(err)
+    if text == "could not find expected ':'":
+        text += " (write `key: value`, with a colon and a space)"
+    mark = problem
+    if context is not None and (context.line, context.column) < (problem.line, problem.column):
+        mark = context
+        text += f"; {err.context} here, the parser stopped at line {problem.line + 1}, column {problem.column + 1}"
+    return f"{path}, line {mark.line + 1}, column {mark.column + 1}: {text}"
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -249,8 +266,21 @@ def load_datasets(script_args, training_args):
         if fractions != (1.0, 1.0):
             train = subsample_class(train, *fractions, seed=seed)
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        _fail(as_flags(str(err)))
     return train, eval_set, heldout
+
+
+# Keyword arguments of trl_kto_ext.data that are also options of this command, as messages name them in Python.
+_KEYWORDS = re.compile(
+    r"(?<![\w-])((?:prompt|completion|label|chosen|rejected)_column|(?:un)?desirable_fraction|eval_fraction"
+    r"|max_length)(=\s?)?"
+)
+
+
+def as_flags(message: str) -> str:
+    """A message of the Python API in command-line words: `prompt_column=<x>` becomes `--prompt_column <x>`."""
+    message = _KEYWORDS.sub(lambda m: f"--{m.group(1)}" + (" " if m.group(2) else ""), message)
+    return re.sub(r"(?<![\w-])split=\s?", "--dataset_train_split / --dataset_test_split ", message)
 
 
 def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:
@@ -297,10 +327,13 @@ def train(script_args, training_args, model_args) -> str:
     tokenizer = AutoTokenizer.from_pretrained(model_path, **hub_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    trainer = KTOExtTrainer(
-        model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        peft_config=get_peft_config(model_args), quantization_config=quantization_config,
-    )  # fmt: skip
+    try:  # the trainer's input checks raise ValueError with the problem and its fix: one line, in flag words
+        trainer = KTOExtTrainer(
+            model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
+            peft_config=get_peft_config(model_args), quantization_config=quantization_config,
+        )  # fmt: skip
+    except ValueError as err:
+        _fail(as_flags(str(err)))
     main_process = trainer.is_world_process_zero()
     if heldout is not None and main_process:
         from .tiny import greedy_accuracy

@@ -25,6 +25,7 @@ from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
 from .pairing import add_dataset_kl_pairing
 from .peft_utils import asks_for_kbit, check_kbit_backend
+from .unpairing import as_unpaired
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
@@ -75,6 +76,7 @@ class KTOExtTrainer(KTOTrainer):
         if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
             check_kbit_backend(args.device.type)  # a clear message before any weights are loaded
         self._vocab_rows = validation.check_before_setup(model, args, kwargs)  # empty train set, pad token
+        validation.fit_max_length(model, args)  # within the model's position embeddings
         if ref_model is None and _needs_reference_copy(model, args, kwargs.get("peft_config")):
             # TRL reloads the reference from `model.config._name_or_path`, which fails for a model built in memory and
             # is wrong for one changed since loading (e.g. after SFT in the same notebook): copy the model as given.
@@ -114,6 +116,9 @@ class KTOExtTrainer(KTOTrainer):
     # ----------------------------------------------------------------------------------------------- data set-up
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         validation.check_dataset(dataset, processing_class, dataset_name)
+        # Labels read by meaning (a ClassLabel by its names) and pairs unpaired side by side, by the conversion that
+        # prepare_unpaired and the CLI use; TRL's own unpairing would put every chosen row before every rejected one.
+        dataset = as_unpaired(dataset)
         if dataset_name == "train":
             self._set_loss_aversion(dataset, args)
         # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids` (its rotation
