@@ -114,3 +114,18 @@ def plot_training(output_dir_or_state_file: str | Path, out_path: str | Path | N
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return str(out_path)
+
+
+def main(argv: list[str]) -> int:
+    """`trl-kto-ext plot OUTPUT_DIR [--out FILE.png]`: prints the PNG's path; SystemExit with a one-line message."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="trl-kto-ext plot", description="Plot the KTO training curves of a run.")
+    parser.add_argument("output_dir", help="Output folder of a run (or a trainer_state.json).")
+    parser.add_argument("--out", default=None, help="PNG to write (default: OUTPUT_DIR/training_curves.png).")
+    args = parser.parse_args(argv)
+    try:
+        print(plot_training(args.output_dir, args.out))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"trl-kto-ext: error: {err}") from None
+    return 0
