@@ -384,8 +384,8 @@ def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:
     return os.path.expanduser(name) if _looks_local(name) else name
 
 
-def train(script_args, training_args, model_args) -> str:
-    """Run KTO training as configured; returns the output_dir."""
+def train(script_args, training_args, model_args, command: list[str] | None = None) -> str:
+    """Run KTO training as configured; returns the output_dir. `command` (argv) is recorded in the model card."""
     import torch
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
@@ -421,7 +421,7 @@ def train(script_args, training_args, model_args) -> str:
     )  # fmt: skip
     trainer.model_card_info = {  # read by trainer.create_model_card (checkpoints and the final card)
         "dataset_name": script_args.dataset_name,
-        "command": [PROG, *sys.argv[1:]] if sys.argv[0].endswith(("trl-kto-ext", "__main__.py")) else None,
+        "command": command,
         "config": format_config(script_args, training_args, model_args),
     }
     main_process = trainer.is_world_process_zero()
@@ -465,5 +465,5 @@ def main(argv: list[str] | None = None) -> int:
     if print_config:
         print(format_config(script_args, training_args, model_args), end="")
         return 0
-    train(script_args, training_args, model_args)
+    train(script_args, training_args, model_args, command=[PROG, *argv])
     return 0
