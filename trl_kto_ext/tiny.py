@@ -280,11 +280,11 @@ def pretrain_base_model(
     steps: int = PRETRAIN_STEPS,
     batch_size: int = PRETRAIN_BATCH_SIZE,
     lr: float = PRETRAIN_LR,
-    progress: bool = False,
+    progress: bool = True,
 ) -> list[float]:
     """Causal-LM training on the noisy corpus with a plain loop (deterministic, quick); returns the loss per step.
 
-    `progress=True` shows a tqdm bar (on stderr) with the running loss.
+    `progress` shows a tqdm bar (on stderr) with the running loss.
     """
     from tqdm.auto import tqdm
 
@@ -394,7 +394,7 @@ def build_tiny_default(
         with torch.random.fork_rng(devices=[]):
             tokenizer = build_tokenizer()
             model = build_model(tokenizer, seed=seed)
-            pretrain_base_model(model, tokenizer, seed=seed, progress=verbose)
+            pretrain_base_model(model, tokenizer, seed=seed, **({} if verbose else {"progress": False}))
             accuracy = greedy_accuracy(model, tokenizer, *heldout_prompts())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
