@@ -10,7 +10,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import sys
 import types
 import typing
@@ -20,6 +19,7 @@ from unittest import mock
 
 import yaml
 
+from .cli_help import GroupedHelpMixin, HelpAllAction, HelpFormatter, group_options
 from .peft_utils import check_kbit_backend, without_bitsandbytes
 
 with without_bitsandbytes():  # peft (through TrainingArguments) would import it; train() does when 4/8-bit is set
@@ -59,35 +59,6 @@ class KTOScriptArguments(ScriptArguments):
     tiny_eval_rows: int = field(default=256, metadata={"help": f"Eval rows of {TINY_DATASET} (held-out prompts)."})
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the line breaks of DESCRIPTION, shows every default, and names each option once (no dashed alias)."""
-
-    def __init__(self, prog, indent_increment=2, max_help_position=36, width=None):
-        width = width or min(120, shutil.get_terminal_size().columns - 2)
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-    def _format_action_invocation(self, action):
-        if not action.option_strings or action.nargs == 0:
-            return action.option_strings[0] if action.option_strings else super()._format_action_invocation(action)
-        if action.choices and len(action.choices) <= 6:
-            return f"{action.option_strings[0]} {{{','.join(map(str, action.choices))}}}"
-        kind = "BOOL" if getattr(action.type, "__name__", "") == "string_to_bool" else _type_name(action.type).upper()
-        return f"{action.option_strings[0]} {'NAME' if action.choices else action.metavar or kind}"
-
-
-class _ShortHelpFormatter(_HelpFormatter):
-    """--help: the first sentence of each help text; --help-all shows them whole, with every choice."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        first = re.split(r"(?<=[a-z0-9)`'])\. (?=[A-Z(`])", text, maxsplit=1)[0].rstrip(".") + "."
-        if action.choices and len(action.choices) > 6:
-            first += f" One of {len(action.choices)} names (--help-all lists them)."
-        return super()._get_help_string(
-            argparse.Action(action.option_strings, action.dest, help=first, default=action.default)
-        )
-
-
 # --help shows these groups, in this order; every other option is listed by --help-all only.
 HELP_GROUPS = {
     "KTO": (
@@ -115,54 +86,9 @@ HELP_TEXTS = {
 }
 
 
-class _HelpAllAction(argparse.Action):
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.show_all = True
-        parser.print_help()
-        parser.exit()
-
-
-class _Parser(TrlParser):
-    show_all = False
-
+class _Parser(GroupedHelpMixin, TrlParser):
     def error(self, message):  # argparse would print the whole (very long) usage first
         raise SystemExit(f"{PROG}: error: {message}\nRun `{PROG} --help` to list the options.")
-
-    def format_help(self) -> str:
-        """The grouped options; the options of OTHER_GROUP only after --help-all."""
-        other = next((g for g in self._action_groups if g.title == OTHER_GROUP), None)
-        if other is None or self.show_all:
-            return super().format_help()
-        hidden, other._group_actions = other._group_actions, []
-        self.formatter_class = _ShortHelpFormatter
-        try:
-            return super().format_help()
-        finally:
-            other._group_actions, self.formatter_class = hidden, _HelpFormatter
-
-
-def _group_options(parser: TrlParser) -> None:
-    """Move every dataclass option into the titled group of HELP_GROUPS, or into OTHER_GROUP (help only)."""
-    group_of = {name: title for title, names in HELP_GROUPS.items() for name in names.split()}
-    flat = [g for g in parser._action_groups if g.title not in ("positional arguments",)]
-    groups = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
-    other = parser.add_argument_group(
-        OTHER_GROUP,
-        f"{sum(a.dest not in group_of for a in flat[0]._group_actions)} more options: run `{PROG} "
-        "--help-all` to list them.",
-    )
-    for action in list(flat[0]._group_actions):
-        if action.dest in HELP_TEXTS:
-            action.help = HELP_TEXTS[action.dest]
-        if action.dest in ("help", "help_all", "config", "print_config") or action.dest == argparse.SUPPRESS:
-            continue
-        flat[0]._group_actions.remove(action)
-        (groups[group_of[action.dest]] if action.dest in group_of else other)._group_actions.append(action)
-    for title, group in groups.items():  # the order of HELP_GROUPS, not that of the dataclasses
-        group._group_actions.sort(key=lambda a, order=HELP_GROUPS[title].split(): order.index(a.dest))
 
 
 def make_parser(prog: str | None = PROG) -> TrlParser:
@@ -173,16 +99,16 @@ def make_parser(prog: str | None = PROG) -> TrlParser:
         usage=USAGE,
         description=DESCRIPTION,
         allow_abbrev=False,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--help-all", "--help_all", action=_HelpAllAction, help="Show every option and exit.")
+    parser.add_argument("--help-all", "--help_all", action=HelpAllAction, help="Show every option and exit.")
     parser.add_argument(
         "--config", metavar="FILE", help="YAML file of `option: value` lines (any option below); flags override it."
     )
     parser.add_argument(
         "--print-config", "--print_config", action="store_true", help="Print the resolved config as YAML and exit."
     )
-    _group_options(parser)
+    group_options(parser, HELP_GROUPS, OTHER_GROUP, HELP_TEXTS, more=f"run `{PROG} --help-all` to list them")
     return parser
 
 
