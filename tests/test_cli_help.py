@@ -91,3 +91,21 @@ def test_three_step_run_is_quiet_and_writes_a_model_card(tiny_default, tmp_path)
     assert not [n for n in NOISE if n in result.stderr], result.stderr
     card = (out / "README.md").read_text()
     assert "--max_steps 3" in card and "tiny-arithmetic" in card and tiny_default.model_dir in card
+
+
+def test_config_defaults_cause_no_deprecation_warning(tmp_path):
+    import warnings
+
+    from trl_kto_ext import KTOExtConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = KTOExtConfig(output_dir=str(tmp_path), use_cpu=True)
+    assert not [w for w in caught if "checkpointing" in str(w.message)]
+    assert args.activation_checkpointing is True and args.gradient_checkpointing is True  # TRL's default, kept
+    assert args.dataloader_pin_memory is False  # no accelerator to pin memory for
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old_name = KTOExtConfig(output_dir=str(tmp_path), use_cpu=True, gradient_checkpointing=False)
+    assert old_name.activation_checkpointing is False  # the user's value under the deprecated name still counts
+    assert any("`gradient_checkpointing` is deprecated" in str(w.message) for w in caught)
