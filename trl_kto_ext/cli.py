@@ -19,20 +19,29 @@ from typing import Any
 from unittest import mock
 
 import yaml
-from trl import ModelConfig, ScriptArguments, TrlParser
 
-from .config import KTOExtConfig
-from .peft_utils import check_kbit_backend
+from .cli_help import GroupedHelpMixin, HelpAllAction, HelpFormatter, group_options
+from .peft_utils import check_kbit_backend, without_bitsandbytes
+
+with without_bitsandbytes():  # peft (through TrainingArguments) would import it; train() does when 4/8-bit is set
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    from .config import KTOExtConfig
 
 COLUMNS = ("prompt", "completion", "label", "chosen", "rejected")
 TINY_MODEL = "tiny"
 TINY_DATASET = "tiny-arithmetic"
 PROG = "trl-kto-ext"
 BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what TRL's string_to_bool accepts
-DESCRIPTION = f"""Train with KTO (KTOExtTrainer). Every option can also be set in a YAML file, --config FILE (keys are
-the option names); flags override the file. Offline default: --model_name_or_path {TINY_MODEL} --dataset_name
-{TINY_DATASET} (configs/tiny-cpu.yaml). `{PROG} plot OUTPUT_DIR [--out FILE.png]` draws the curves of a run;
-`--print-config` prints the resolved configuration as YAML and exits without training."""
+DESCRIPTION = f"""Train a model with KTO (KTOExtTrainer) from a YAML config and/or flags.
+
+commands:
+  {PROG} --config FILE [--OPTION VALUE ...]   train; every option below can be a key of the YAML file, flags override
+  {PROG} plot OUTPUT_DIR [--out FILE.png]     draw the training curves of a run (training_curves.png)
+
+offline example: {PROG} --config configs/tiny-cpu.yaml --max_steps 20
+  (model_name_or_path: {TINY_MODEL} and dataset_name: {TINY_DATASET} are the embedded tiny model and data)"""
+USAGE = f"{PROG} [--config FILE] [--print-config] [--OPTION VALUE ...]\n       {PROG} plot OUTPUT_DIR [--out FILE.png]"
 
 
 @dataclass
@@ -51,21 +60,56 @@ class KTOScriptArguments(ScriptArguments):
     tiny_eval_rows: int = field(default=256, metadata={"help": f"Eval rows of {TINY_DATASET} (held-out prompts)."})
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the line breaks of DESCRIPTION and shows every default, as TRL's parser does."""
+# --help shows these groups, in this order; every other option is listed by --help-all only.
+HELP_GROUPS = {
+    "KTO": (
+        "beta loss_aversion loss_aversion_target desirable_weight undesirable_weight kl_pairing kl_pairing_seed "
+        "kl_subset_size loss_type max_length precompute_ref_log_probs on_nonfinite_loss train_sampling_strategy"
+    ),
+    "data": " ".join(f.name for f in fields(KTOScriptArguments) if f.name != "ignore_bias_buffers"),
+    "model/LoRA": " ".join(f.name for f in fields(ModelConfig)),
+    "common training options": (
+        "output_dir max_steps num_train_epochs learning_rate lr_scheduler_type warmup_steps "
+        "per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps optim weight_decay "
+        "max_grad_norm use_cpu bf16 fp16 activation_checkpointing seed logging_steps eval_strategy eval_steps "
+        "save_strategy save_steps report_to resume_from_checkpoint model_init_kwargs"
+    ),
+}
+OTHER_GROUP = "all other options (transformers TrainingArguments, TRL KTOConfig)"
+# TRL/transformers help texts that say something untrue for this command.
+HELP_TEXTS = {
+    "dataset_name": f"A Hub dataset id, a local folder (save_to_disk or data files), a .jsonl/.json/.csv/.parquet file, "
+    f"or {TINY_DATASET} (the embedded offline addition data).",
+    "dataset_config": "Dataset configuration name (the `name` argument of `datasets.load_dataset`).",
+    "dataset_streaming": "Stream the dataset (not supported: loss_aversion='auto' needs the class counts).",
+    "model_name_or_path": f"A Hub model id, a local folder, or {TINY_MODEL} (the embedded 0.5M-parameter model, built "
+    "and cached on first use).",
+}
 
 
-class _Parser(TrlParser):
+class _Parser(GroupedHelpMixin, TrlParser):
     def error(self, message):  # argparse would print the whole (very long) usage first
         raise SystemExit(f"{PROG}: error: {message}\nRun `{PROG} --help` to list the options.")
 
 
 def make_parser(prog: str | None = PROG) -> TrlParser:
+    """TrlParser over (KTOScriptArguments, KTOExtConfig, ModelConfig) whose --help lists the KTO options first."""
     parser = _Parser(
-        (KTOScriptArguments, KTOExtConfig, ModelConfig), prog=prog, description=DESCRIPTION, allow_abbrev=False
+        (KTOScriptArguments, KTOExtConfig, ModelConfig),
+        prog=prog,
+        usage=USAGE,
+        description=DESCRIPTION,
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
-    parser.formatter_class = _HelpFormatter
-    parser.add_argument("--print-config", "--print_config", action="store_true", help="Print the config and exit.")
+    parser.add_argument("--help-all", "--help_all", action=HelpAllAction, help="Show every option and exit.")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file of `option: value` lines (any option below); flags override it."
+    )
+    parser.add_argument(
+        "--print-config", "--print_config", action="store_true", help="Print the resolved config as YAML and exit."
+    )
+    group_options(parser, HELP_GROUPS, OTHER_GROUP, HELP_TEXTS, more=f"run `{PROG} --help-all` to list them")
     return parser
 
 
@@ -161,7 +205,8 @@ def _matches(value: Any, tp: Any) -> bool:
 
 def check_config(config: dict[str, Any], parser: TrlParser, path: str) -> None:
     """Unknown keys (with the closest valid one), wrong types and invalid choices, each named in plain words."""
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "print_config")}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "print_config", "config", "help_all")}
+    actions.pop(argparse.SUPPRESS, None)
     hints = {name: tp for dc in parser.dataclass_types for name, tp in typing.get_type_hints(dc).items()}
     for key, value in config.items():
         if key not in actions:
@@ -296,8 +341,8 @@ def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:
     return os.path.expanduser(name) if _looks_local(name) else name
 
 
-def train(script_args, training_args, model_args) -> str:
-    """Run KTO training as configured; returns the output_dir."""
+def train(script_args, training_args, model_args, command: list[str] | None = None) -> str:
+    """Run KTO training as configured; returns the output_dir. `command` (argv) is recorded in the model card."""
     import torch
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
@@ -334,6 +379,11 @@ def train(script_args, training_args, model_args) -> str:
         )  # fmt: skip
     except ValueError as err:
         _fail(as_flags(str(err)))
+    trainer.model_card_info = {  # read by trainer.create_model_card (checkpoints and the final card)
+        "dataset_name": script_args.dataset_name,
+        "command": command,
+        "config": format_config(script_args, training_args, model_args),
+    }
     main_process = trainer.is_world_process_zero()
     if heldout is not None and main_process:
         from .tiny import greedy_accuracy
@@ -343,6 +393,7 @@ def train(script_args, training_args, model_args) -> str:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # model + tokenizer
     trainer.save_state()  # trainer_state.json, read by the plot
+    card = trainer.create_model_card()  # README.md: base model, data, KTO settings, final metrics, command
     if main_process:
         if heldout is not None:
             after = greedy_accuracy(trainer.model, tokenizer, *heldout)
@@ -351,6 +402,7 @@ def train(script_args, training_args, model_args) -> str:
         out = os.path.abspath(training_args.output_dir)
         print(f"lambda_D = {trainer.desirable_weight:.4g}, lambda_U = {trainer.undesirable_weight:.4g}")
         print(f"Outputs in {out}:\n  final model + tokenizer: {out}\n  training curves: {os.path.abspath(plot)}")
+        print(f"  model card: {os.path.abspath(card)}")
         if "tensorboard" in (training_args.report_to or []):
             print(f"  tensorboard logs: {os.environ.get('TENSORBOARD_LOGGING_DIR') or os.path.join(out, 'runs')}")
     if hasattr(trainer, "end"):
@@ -360,17 +412,9 @@ def train(script_args, training_args, model_args) -> str:
 
 
 def plot_main(argv: list[str]) -> int:
-    from .plotting import plot_training
+    from .plotting import main as plotting_main
 
-    parser = argparse.ArgumentParser(prog=f"{PROG} plot", description="Plot the KTO training curves of a run.")
-    parser.add_argument("output_dir", help="Output folder of a run (or a trainer_state.json).")
-    parser.add_argument("--out", default=None, help="PNG to write (default: OUTPUT_DIR/training_curves.png).")
-    args = parser.parse_args(argv)
-    try:
-        print(plot_training(args.output_dir, args.out))
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
-    return 0
+    return plotting_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,5 +425,5 @@ def main(argv: list[str] | None = None) -> int:
     if print_config:
         print(format_config(script_args, training_args, model_args), end="")
         return 0
-    train(script_args, training_args, model_args)
+    train(script_args, training_args, model_args, command=[PROG, *argv])
     return 0

@@ -13,6 +13,13 @@ LOSS_AVERSION_RANGE = (1.0, 4.0 / 3.0)
 _RANGE_TOLERANCE = 1e-6
 
 
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return torch.cuda.is_available() or bool(accelerator and accelerator.is_available())
+
+
 def _bf16_accelerator_available() -> bool:
     from transformers.utils import is_torch_bf16_gpu_available
 
@@ -113,6 +120,17 @@ class KTOExtConfig(KTOConfig):
             "~/.cache/trl_kto_ext/ref_logps."
         },
     )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of activation_checkpointing (transformers 5), which is on by default (TRL's "
+            "default); leave this unset."
+        },
+    )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin the dataloader's memory. Unset: on where a GPU/accelerator is used, off on CPU."},
+    )
     on_nonfinite_loss: str = field(
         default="raise",
         metadata={
@@ -124,6 +142,14 @@ class KTOExtConfig(KTOConfig):
     )
 
     def __post_init__(self):
+        # TRL's default gradient_checkpointing=True would make transformers warn (deprecated alias) on every config;
+        # a value the user gave under the old name still gets transformers' warning.
+        if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:
+            self.activation_checkpointing = True
+        elif self.gradient_checkpointing is None and not hasattr(self, "activation_checkpointing"):
+            self.gradient_checkpointing = True  # a transformers without the new name
+        if self.dataloader_pin_memory is None:  # torch warns when memory is pinned with no accelerator to copy to
+            self.dataloader_pin_memory = not self.use_cpu and _accelerator_available()
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on whenever it is unset, which makes a plain `KTOConfig(output_dir=...)` fail on a machine
             # without a bf16 GPU unless `use_cpu` is given. Unset here means: bf16 where the hardware has it.

@@ -71,6 +71,8 @@ class KTOExtTrainer(KTOTrainer):
     - The loss is [`kto_loss`], a pure function; z0 is the mean KL log-ratio over the KL rows of all processes.
     """
 
+    from .model_card import create_model_card  # TRL's card names no local base, data or lambda: model_card.py
+
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
         args = _as_ext_config(args, model)
         if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
