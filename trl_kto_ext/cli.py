@@ -16,7 +16,6 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
-from unittest import mock
 
 import yaml
 
@@ -246,13 +245,26 @@ def parse_args(argv: list[str], parser: TrlParser | None = None) -> tuple[Any, .
     check_flags(args, parser)
     hardware_check = contextlib.nullcontext()
     if {"--print-config", "--print_config"} & set(args):  # print a GPU config (bf16: true) on any machine
-        hardware_check = mock.patch("transformers.training_args.is_torch_bf16_gpu_available", return_value=True)
+        hardware_check = _bf16_reported_available()
     try:
         with hardware_check:
             *dataclasses, extra = parser.parse_args_into_dataclasses(args=args)
     except (ValueError, TypeError) as err:  # a dataclass __post_init__ check (e.g. loss_aversion_target range)
         _fail(str(err))
     return (*dataclasses, extra.print_config)
+
+
+@contextlib.contextmanager
+def _bf16_reported_available():
+    """transformers' bf16 hardware check answers True inside the block (for --print-config only: no model runs)."""
+    import transformers.training_args as training_args_module
+
+    saved = training_args_module.is_torch_bf16_gpu_available
+    training_args_module.is_torch_bf16_gpu_available = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        training_args_module.is_torch_bf16_gpu_available = saved
 
 
 def format_config(script_args, training_args, model_args) -> str:
