@@ -64,8 +64,20 @@ def guard_loss(trainer, mode: str, batch: dict[str, Any], loss: torch.Tensor) ->
 
 
 def nonfinite_message(trainer, loss: torch.Tensor) -> str:
+    value = loss.detach().float().item()
+    where = f"({value})" if not math.isfinite(value) else "(on another process)"
+    return (
+        f"Non-finite training loss {where} at step {trainer.state.global_step + 1} "
+        f"(epoch {trainer.state.epoch or 0:.2f}); training stopped before this step's update. {_diagnosis(trainer)} "
+        "To skip such steps instead (zero gradient for the step, counted in `skipped/nonfinite_steps`), set "
+        "on_nonfinite_loss='skip'."
+    )
+
+
+def _diagnosis(trainer) -> str:
+    """Whether the weights are still finite, and the likely causes of a non-finite loss with this configuration."""
     args = trainer.args
-    dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    dtype = _dtype_name(trainer)
     weights_finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
     weights = (
         "The model's weights are still finite, so this batch's forward pass overflowed."
@@ -73,16 +85,20 @@ def nonfinite_message(trainer, loss: torch.Tensor) -> str:
         else "The model's weights already contain NaN/inf: an earlier update diverged (look at grad_norm in the steps "
         "logged before this one)."
     )
-    value = loss.detach().float().item()
-    where = f"({value})" if not math.isfinite(value) else "(on another process)"
     return (
-        f"Non-finite training loss {where} at step {trainer.state.global_step + 1} "
-        f"(epoch {trainer.state.epoch or 0:.2f}); training stopped before this step's update. {weights} Likely "
-        f"causes: a learning rate too high (learning_rate={args.learning_rate:g}: lower it, add warmup, keep "
-        f"max_grad_norm > 0, now {args.max_grad_norm}); overflow in low precision (dtype: {dtype}; prefer bf16 to "
-        f"fp16, or train in fp32); or extreme log-probabilities (beta={args.beta}). To skip such steps instead (zero "
-        "gradient for the step, counted in `skipped/nonfinite_steps`), set on_nonfinite_loss='skip'."
+        f"{weights} Likely causes: a learning rate too high (learning_rate={args.learning_rate:g}: lower it, add "
+        f"warmup, keep max_grad_norm > 0, now {args.max_grad_norm}); overflow in low precision (dtype: {dtype}; "
+        f"prefer bf16 to fp16, or train in fp32); or extreme log-probabilities (beta={args.beta})."
     )
+
+
+def _dtype_name(trainer) -> str:
+    """The training precision: fp16/bf16 mixed precision, else the dtype of the model's weights."""
+    args = trainer.args
+    if args.fp16 or args.bf16:
+        return "fp16 (mixed precision)" if args.fp16 else "bf16 (mixed precision)"
+    dtype = next(trainer.model.parameters()).dtype
+    return {torch.float16: "fp16 weights", torch.bfloat16: "bf16 weights"}.get(dtype, "fp32")
 
 
 def after_training_step(trainer) -> None:
@@ -129,7 +145,8 @@ def _count_nonfinite_step(trainer, loss: torch.Tensor | None) -> None:
             f"{streak} consecutive training steps (steps {first} to {trainer.state.global_step + 1}) had a "
             f"non-finite {what} and were skipped (on_nonfinite_loss='skip'), which reached "
             f"max_consecutive_nonfinite_steps={limit}: the run is no longer learning, so it stops before this step's "
-            f"update. {nonfinite_message(trainer, loss if loss is not None else torch.tensor(float('nan')))}"
+            f"update. {_diagnosis(trainer)} To tolerate longer runs of skipped steps, raise "
+            "max_consecutive_nonfinite_steps."
         )
 
 
