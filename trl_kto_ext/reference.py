@@ -7,6 +7,7 @@ import copy
 import itertools
 
 import torch
+from accelerate.utils import is_peft_model
 
 
 def host_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,3 +71,48 @@ class HostReference:
             self._depth -= 1
             if self._depth == 0:
                 _place(self.model, lambda name: torch.device("cpu"))
+
+
+def can_keep_host_reference(trainer) -> bool:
+    """Whether a host copy of the policy can be the reference of a full fine-tune: not under DeepSpeed/FSDP, whose
+    sharded weights cannot simply be copied, nor for a quantized model."""
+    model = trainer.model
+    return not (
+        is_peft_model(model)
+        or trainer.is_deepspeed_enabled
+        or trainer.is_fsdp_enabled
+        or getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+    )
+
+
+def check_reference_available(trainer, what: str) -> None:
+    """Raises a `RuntimeError` where a reference log-prob would come from the trained policy (full fine-tuning with
+    no reference kept, after the first update)."""
+    if (
+        trainer.ref_model is None
+        and trainer._host_reference is None
+        and not is_peft_model(trainer.model)
+        and trainer.state.global_step > 0
+    ):
+        raise RuntimeError(
+            f"Cannot compute {what} after training has started: `precompute_ref_log_probs=True` with full "
+            "fine-tuning kept no reference model here (DeepSpeed, FSDP or a quantized model), and the policy has been "
+            "updated, so it is no longer the reference. Give the dataset as `eval_dataset` when building the "
+            "trainer, pass an explicit `ref_model`, or set `precompute_ref_log_probs=False`."
+        )
+
+
+@contextlib.contextmanager
+def reference_for_pass(trainer):
+    """During an evaluation or prediction pass the reference kept in host memory is on the device and is the
+    trainer's `ref_model`, so TRL's precompute and checks use it rather than the policy."""
+    if trainer.ref_model is not None or trainer._host_reference is None:
+        yield
+        return
+    with trainer._host_reference.on_device() as ref:
+        trainer.ref_model = ref
+        try:
+            yield
+        finally:
+            trainer.ref_model = None

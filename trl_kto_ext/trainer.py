@@ -16,7 +16,7 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, use_adapter
 
-from . import guards, resume, validation
+from . import guards, reference, resume, validation
 from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
 from .loss import apo_zero_unpaired_loss, kto_loss
@@ -108,7 +108,7 @@ class KTOExtTrainer(KTOTrainer):
                 self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
             else:
                 self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
-        elif self.ref_model is None and _can_keep_host_reference(self):
+        elif self.ref_model is None and reference.can_keep_host_reference(self):
             # Every training reference log-prob is cached, so TRL keeps no reference; but evaluation KL rows and
             # datasets given later to `evaluate`/`predict` still need one. Nothing has trained yet: keep a copy of the
             # policy in host memory, moved to the device only during those passes.
@@ -135,7 +135,7 @@ class KTOExtTrainer(KTOTrainer):
         return dataset
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        self._check_reference_available(f"the reference log-probs of the {name!r} dataset")
+        reference.check_reference_available(self, f"the reference log-probs of the {name!r} dataset")
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
         # Otherwise only the targets' are: the KL rows change with every batch, so theirs are computed per step.
         cache_kl = self._uses_kl and "KL_completion_ids" in dataset.column_names
@@ -232,33 +232,8 @@ class KTOExtTrainer(KTOTrainer):
                 with self._host_reference.on_device() as ref:
                     yield ref
             else:
-                self._check_reference_available("reference log-probs")
+                reference.check_reference_available(self, "reference log-probs")
                 yield self.model  # not updated yet: the policy is still the reference
-
-    def _check_reference_available(self, what: str) -> None:
-        """Raises where a reference log-prob would come from the trained policy (full fine-tuning, no reference kept)."""
-        if (
-            self.ref_model is None
-            and self._host_reference is None
-            and not is_peft_model(self.model)
-            and self.state.global_step > 0
-        ):
-            raise RuntimeError(
-                f"Cannot compute {what} after training has started: `precompute_ref_log_probs=True` with full "
-                "fine-tuning kept no reference model here (DeepSpeed, FSDP or a quantized model), and the policy "
-                "has been updated, so it is no longer the reference. Give the dataset as `eval_dataset` when "
-                "building the trainer, pass an explicit `ref_model`, or set `precompute_ref_log_probs=False`."
-            )
-
-    @contextlib.contextmanager
-    def _reference_for_pass(self):
-        """During an evaluation or prediction pass the reference kept in host memory is on the device and is
-        `ref_model`, so TRL's precompute and checks use it rather than the policy."""
-        if self.ref_model is not None or self._host_reference is None:
-            yield
-            return
-        with self._host_reference.on_device() as ref, _attribute(self, "ref_model", ref):
-            yield
 
     def _reference_target_logps(self, batch) -> torch.Tensor:
         if "ref_logps" in batch:
@@ -371,7 +346,7 @@ class KTOExtTrainer(KTOTrainer):
     ):
         self._metrics["eval"].clear()  # nothing carried over from an interrupted pass
         try:
-            with self._reference_for_pass():
+            with reference.reference_for_pass(self):
                 output = super().evaluation_loop(
                     dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
                 )
@@ -385,7 +360,7 @@ class KTOExtTrainer(KTOTrainer):
         log-probs from the reference kept in host memory (TRL refuses). Returns `{prefix}_*` metrics, KTO's included."""
         self._evaluating += 1
         try:
-            with self._reference_for_pass():
+            with reference.reference_for_pass(self):
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._evaluating -= 1
@@ -393,10 +368,10 @@ class KTOExtTrainer(KTOTrainer):
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         """Like `evaluate` on `test_dataset` (tokenized and, with `precompute_ref_log_probs`, its reference log-probs
         computed as there); returns a `PredictionOutput` whose `metrics` carry the `{prefix}_` KTO metrics."""
-        with self._reference_for_pass():
+        with reference.reference_for_pass(self):
             if not self._is_vision_dataset:
                 test_dataset = self._prepare_dataset(test_dataset, self.processing_class, self.args, "eval")
-                if self.precompute_ref_logps and "ref_logps" not in test_dataset.column_names:
+                if self.precompute_ref_logps and "ref_logps" not in (test_dataset.column_names or ()):
                     batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
                     test_dataset = self._precompute_ref_logps(test_dataset, metric_key_prefix, batch_size)
             return super().predict(test_dataset, ignore_keys, metric_key_prefix)
@@ -435,19 +410,6 @@ def frozen_copy(model):
     for module in clone.modules():
         module.__dict__.pop("forward", None)
     return clone.eval().requires_grad_(False)
-
-
-def _can_keep_host_reference(trainer) -> bool:
-    """Full fine-tuning whose reference log-probs are cached: whether a host copy of the policy can be the reference
-    (not under DeepSpeed/FSDP, whose sharded weights cannot simply be copied, nor for a quantized model)."""
-    model = trainer.model
-    return not (
-        is_peft_model(model)
-        or trainer.is_deepspeed_enabled
-        or trainer.is_fsdp_enabled
-        or getattr(model, "is_loaded_in_4bit", False)
-        or getattr(model, "is_loaded_in_8bit", False)
-    )
 
 
 def _needs_reference_copy(model, args, peft_config) -> bool:
