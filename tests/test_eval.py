@@ -191,3 +191,26 @@ def test_predict_returns_the_metrics_of_evaluate_with_the_test_prefix(small_mode
         assert predicted[key] == pytest.approx(value, abs=1e-6), key
     assert predicted["test_count/desirable"] + predicted["test_count/undesirable"] == 10
     assert output.predictions.shape[0] == 10  # one row of logits per example
+
+
+def test_without_a_kept_reference_every_path_stops_with_a_clear_error(small_model, tiny_tokenizer, tmp_path):
+    """Where no reference can be kept (DeepSpeed, FSDP, quantized: simulated here by dropping the kept copy), nothing
+    falls back to the trained policy: eval KL rows, `predict` and `evaluate` on a new dataset all raise."""
+    trainer = build(
+        small_model,
+        tiny_tokenizer,
+        tmp_path,
+        make_kto_dataset(8, seed=10, split="heldout"),
+        precompute_ref_log_probs=True,
+        kl_pairing="dataset",
+        max_steps=1,
+    )
+    trainer._host_reference = None
+    trainer.train()
+    message = r"Cannot compute reference log-probs after training has started: `precompute_ref_log_probs=True`"
+    with pytest.raises(RuntimeError, match=message):
+        trainer.evaluate()  # the eval set's targets are cached, its KL rows are not
+    with pytest.raises(RuntimeError, match=r"Cannot compute the reference log-probs of the 'test' dataset after"):
+        trainer.predict(make_kto_dataset(6, seed=12, split="heldout"))
+    with pytest.raises(ValueError, match=r"Cannot compute reference log-probs for a dataset passed to `evaluate\(\)`"):
+        trainer.evaluate(make_kto_dataset(6, seed=12, split="heldout"))  # TRL's own check
