@@ -57,6 +57,9 @@ class KTOExtConfig(KTOConfig):
         on_nonfinite_loss (`str`, defaults to `"raise"`):
             `"raise"` stops at a NaN/inf training loss with a message naming the step; `"skip"` gives that step a zero
             gradient and counts it in the `skipped/nonfinite_steps` metric.
+        max_consecutive_nonfinite_steps (`int`, defaults to `10`):
+            With `"skip"`, this many consecutive optimizer steps with a NaN/inf loss or gradient raise
+            `NonFiniteLossError`: a run whose every step is skipped has stopped learning.
     """
 
     train_sampling_strategy: str = field(
@@ -141,6 +144,14 @@ class KTOExtConfig(KTOConfig):
         },
     )
 
+    max_consecutive_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "With on_nonfinite_loss='skip': this many optimizer steps in a row with a NaN/inf loss or gradient "
+            "stop the run with NonFiniteLossError (the run is no longer learning). Must be at least 1."
+        },
+    )
+
     def __post_init__(self):
         # TRL's default gradient_checkpointing=True would make transformers warn (deprecated alias) on every config;
         # a value the user gave under the old name still gets transformers' warning.
@@ -186,3 +197,9 @@ class KTOExtConfig(KTOConfig):
             raise ValueError(f"`beta` must be positive, got {self.beta}.")
         if self.on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"`on_nonfinite_loss` must be 'raise' or 'skip', got {self.on_nonfinite_loss!r}.")
+        limit = self.max_consecutive_nonfinite_steps
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(
+                f"`max_consecutive_nonfinite_steps` must be a whole number of steps >= 1, got {limit!r}: it is how many "
+                "optimizer steps in a row may be skipped for a NaN/inf loss before the run stops."
+            )
