@@ -16,12 +16,20 @@ Arms:
 
 Timing: a TrainerCallback records `time.perf_counter()` (wall clock) and `time.process_time()` (this process's CPU
 time, all threads) at on_step_begin / on_step_end; the reported s/step is the median of (end - begin) over the steps
-after the warm-up ones. That window holds forward, backward and optimizer step; the batch is collated just before it,
+after the warm-up ones (`--shape chat`: the mean over one whole epoch; the table's headers say which). That window holds forward, backward and optimizer step; the batch is collated just before it,
 so the median of the end-to-end intervals (on_step_end to on_step_end: collation and the trainer's bookkeeping added)
 is reported too. On a machine shared with other processes the wall clock mostly measures the scheduler; the CPU time
 is the steadier measure there, so every ratio is given on both. One-time costs are reported apart: the time spent in
 `trainer._precompute_ref_logps` (reference log-probs cached before training), and, for the arms that cache, one
-measured no-gradient forward pass over the whole training set, so that the cache's cost can be read in passes.
+measured no-gradient forward pass over the whole training set (TRL's padded `compute_ref_log_probs` on the target
+rows, in dataset order: the unit is printed under the targets), so that the cache's cost can be read in passes. The
+KTOExtTrainer arms that cache also time the same rows through their own fast path, and build a second trainer on the
+same initial weights, data and cache directory (a learning-rate sweep's next job): its one-time cost and its number of
+reference forwards (0 on a cache hit).
+
+Targets (issue 12): ext_default <= 0.6x trl_default and <= 1.2x sft; ext_cached <= 0.6x trl_precompute; peak memory
+<= 0.75x TRL's for the same settings; the reference cache <= 1.0 pass on a first run and no reference forward on a
+second run.
 
 Precision and gradient checkpointing are the same for every arm: fp32 and off unless `--bf16` /
 `--gradient-checkpointing` are given (TRL's own defaults turn both on; bf16 autocast on a CPU without native bf16
