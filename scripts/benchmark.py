@@ -40,6 +40,7 @@ Usage:
     python scripts/benchmark.py --quick --out quick.json                        # tiny model, 3 steps (tests)
     python scripts/benchmark.py --bf16 --gradient-checkpointing --out on.json   # TRL's own defaults for both
     python scripts/benchmark.py --experimental --repeats 2 --out exp.json      # + `<arm>_compact` arms, twice
+    python scripts/benchmark.py --quick --shape chat --packing --out p.json    # + `<ext arm>_packed` arms
 
 Children get OMP_WAIT_POLICY=PASSIVE unless it is set: with OpenMP's default spin-waiting on an oversubscribed machine,
 every parallel region waits for a descheduled worker and small kernels ran ~100x slower with 2 threads than with 1.
@@ -62,7 +63,7 @@ from dataclasses import asdict
 
 from benchmark_child import run_arm
 from benchmark_report import _cpu_model, _loadavg, check_targets, format_table, format_targets, summarise
-from benchmark_setup import arms_for, experimental_arms, settings_from_args
+from benchmark_setup import arms_for, experimental_arms, packed_arms, settings_from_args
 
 # ---------------------------------------------------------------------------------------------------------- main
 
@@ -110,6 +111,8 @@ def orchestrate(args) -> int:
     arms = arms_for(args.kl_subset_size, args.batch_size)
     if args.experimental:
         arms += experimental_arms(arms)
+    if args.packing:
+        arms += packed_arms(arms)
     if args.arms:
         wanted = set(args.arms.split(","))
         unknown = wanted - {arm.name for arm in arms}
@@ -170,8 +173,9 @@ def orchestrate(args) -> int:
         print("no arm finished", file=sys.stderr)
         return 1
     targets = check_targets(rows)
-    if any(row["arm"].endswith("_compact") for row in rows):
-        targets += check_targets(rows, suffix="_compact")
+    for suffix in ("_compact", "_packed"):
+        if any(row["arm"].endswith(suffix) for row in rows):
+            targets += check_targets(rows, suffix=suffix)
     table = format_table(rows, settings, meta)
     print()
     print(table)
@@ -217,6 +221,11 @@ def parse_args(argv=None):
         "completion positions on CPU (evidence for a suggested trainer change)",
     )
     parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="also run ext_default_packed and ext_cached_packed: KTOExtTrainer with pack_no_grad_passes=True",
+    )
+    parser.add_argument(
         "--shape",
         choices=["short", "chat"],
         default="short",
@@ -250,7 +259,7 @@ def main(argv=None) -> int:
         return orchestrate(args)
     settings = settings_from_args(args)
     arms = arms_for(args.kl_subset_size, args.batch_size)
-    arms = {arm.name: arm for arm in arms + experimental_arms(arms)}
+    arms = {arm.name: arm for arm in arms + experimental_arms(arms) + packed_arms(arms)}
     if args.arm not in arms:
         raise SystemExit(f"unknown arm {args.arm!r}; choose from {', '.join(arms)}")
     result = run_arm(arms[args.arm], settings)

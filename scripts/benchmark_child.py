@@ -217,6 +217,8 @@ def run_arm(arm: Arm, settings: dict) -> dict:
             extra["kl_pairing"] = arm.kl_pairing
         if arm.kl_subset:
             extra["kl_subset_size"] = settings["kl_subset_size"]
+        if arm.packed:
+            extra["pack_no_grad_passes"] = True
         # a fresh reference cache: the measured precompute is a miss, as on a first run
         extra["ref_cache_dir"] = tempfile.mkdtemp(prefix=f"kto-bench-refcache-{arm.name}-")
         config = KTOExtConfig(**common, beta=0.1, precompute_ref_log_probs=arm.precompute, **extra)

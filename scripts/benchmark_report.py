@@ -113,7 +113,7 @@ def check_targets(rows: list[dict], suffix: str = "") -> list[dict]:
     - `ext_cached`'s reference cache <= 1.0 pass ([`PASS_UNIT`]) on a first run, and 0 reference forwards on a second
       run with the same model, data and cache directory.
 
-    With `suffix="_compact"`, the ext arms are the experimental `_compact` ones (and the SFT floor also `sft_compact`).
+    With `suffix="_compact"` / `"_packed"`, the ext arms are those variants (and the SFT floor also `sft_compact`).
     """
     by = {row["arm"]: row for row in rows}
 
@@ -131,7 +131,7 @@ def check_targets(rows: list[dict], suffix: str = "") -> list[dict]:
     default, cached = f"ext_default{suffix}", f"ext_cached{suffix}"
     add(default, "trl_default", 0.6)
     add(default, "sft", 1.2)
-    if suffix:
+    if suffix and f"sft{suffix}" in by:
         add(default, f"sft{suffix}", 1.2)
     add(cached, "trl_precompute", 0.6)
     add(default, "trl_default", 0.75, key="peak_mem_mb", cpu_key=None)

@@ -121,7 +121,7 @@ class KTOExtConfig(KTOConfig):
         metadata={
             "help": "Padding-free no-gradient passes (rows packed with restarting position_ids, block-diagonal "
             "attention), on models where a start-up check shows the log-probs equal the padded ones; else length "
-            "buckets. Off by default: no measurable gain on CPU."
+            "buckets. Off by default: slower than the buckets on CPU (docs/benchmark.md)."
         },
     )
     on_nonfinite_loss: str = field(
