@@ -6,6 +6,7 @@ Usage (two CPU processes, gloo):
     ACCELERATE_USE_FSDP=true FSDP_VERSION=2 FSDP_TRANSFORMER_CLS_TO_WRAP=LlamaDecoderLayer \\
         torchrun --standalone --nproc_per_node 2 scripts/fsdp_cpu_probe.py env           # accelerate's environment
     torchrun --standalone --nproc_per_node 2 scripts/fsdp_cpu_probe.py plugin         # Accelerator(fsdp_plugin=v2)
+    torchrun --standalone --nproc_per_node 2 scripts/fsdp_cpu_probe.py manual         # fully_shard, then the Trainer
 
 Each rank prints the accelerator's distributed type, whether the Trainer sees FSDP, the class of the wrapped model
 after one training step (or `prepare`), and the class of its first parameter (`DTensor` when really sharded).
@@ -29,6 +30,16 @@ def main(route: str) -> None:
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    if route == "manual":  # torch's fully_shard by hand before the Trainer (LoRA: the Trainer cannot deepcopy it)
+        import torch.distributed as dist
+        from peft import LoraConfig, get_peft_model
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
     if route == "plugin":
         from accelerate import Accelerator
         from accelerate.utils import FullyShardedDataParallelPlugin
