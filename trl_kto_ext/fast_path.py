@@ -24,8 +24,8 @@ class FastPath:
     prompt-learning PEFT, vision inputs, MoE auxiliary loss), stays on TRL's path, and the reason is logged once.
 
     With `pack_no_grad_passes`, the no-gradient passes run padding-free ([`logps.packed_completion_logps`]) on the
-    models where a first check shows it exact: the batch's rows packed all into one row (two copies of a single row)
-    must give TRL's per-sequence log-probs within the same tolerance. Elsewhere (an attention kernel that ignores
+    models where a first check shows it exact: the batch's rows packed into rows of twice the widest row (so that
+    sequences share packs; a single row is doubled) must give TRL's per-sequence log-probs within the same tolerance. Elsewhere (an attention kernel that ignores
     packed positions, a model without `position_ids`) the length buckets are used, and the reason is logged once.
     """
 
@@ -122,7 +122,7 @@ class FastPath:
 
     def _compare(self, model, batch, keys, packed: bool = False) -> str | None:
         """None when the fast path's per-sequence log-probs on this batch equal TRL's path's. `packed`: the
-        padding-free pass with every row in one pack (a single row is doubled, so that two sequences share it)."""
+        padding-free pass in packs of twice the widest row (a single row is doubled, so that two sequences share one)."""
         ids, mask, completion = (batch[k] for k in keys)
         if packed and ids.size(0) == 1:
             ids, mask, completion = (torch.cat([x, x]) for x in (ids, mask, completion))
@@ -135,7 +135,8 @@ class FastPath:
                 ref = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
                 ref = ref.log_probs[:, -(ids.size(1) - 1) :].sum(-1).double()
                 if packed:
-                    fast = logps.packed_completion_logps(model, ids, mask, completion, capacity=int(mask.sum()))
+                    # packs twice the widest row: any two rows fit, so every pack but the last holds several
+                    fast = logps.packed_completion_logps(model, ids, mask, completion, capacity=2 * ids.size(1))
                     if fast is None:
                         return "the batch is not right-padded"
                 else:
