@@ -16,12 +16,20 @@ Arms:
 
 Timing: a TrainerCallback records `time.perf_counter()` (wall clock) and `time.process_time()` (this process's CPU
 time, all threads) at on_step_begin / on_step_end; the reported s/step is the median of (end - begin) over the steps
-after the warm-up ones. That window holds forward, backward and optimizer step; the batch is collated just before it,
+after the warm-up ones (`--shape chat`: the mean over one whole epoch; the table's headers say which). That window holds forward, backward and optimizer step; the batch is collated just before it,
 so the median of the end-to-end intervals (on_step_end to on_step_end: collation and the trainer's bookkeeping added)
 is reported too. On a machine shared with other processes the wall clock mostly measures the scheduler; the CPU time
 is the steadier measure there, so every ratio is given on both. One-time costs are reported apart: the time spent in
 `trainer._precompute_ref_logps` (reference log-probs cached before training), and, for the arms that cache, one
-measured no-gradient forward pass over the whole training set, so that the cache's cost can be read in passes.
+measured no-gradient forward pass over the whole training set (TRL's padded `compute_ref_log_probs` on the target
+rows, in dataset order: the unit is printed under the targets), so that the cache's cost can be read in passes. The
+KTOExtTrainer arms that cache also time the same rows through their own fast path, and build a second trainer on the
+same initial weights, data and cache directory (a learning-rate sweep's next job): its one-time cost and its number of
+reference forwards (0 on a cache hit).
+
+Targets (issue 12): ext_default <= 0.6x trl_default and <= 1.2x sft; ext_cached <= 0.6x trl_precompute; peak memory
+<= 0.75x TRL's for the same settings; the reference cache <= 1.0 pass on a first run and no reference forward on a
+second run.
 
 Precision and gradient checkpointing are the same for every arm: fp32 and off unless `--bf16` /
 `--gradient-checkpointing` are given (TRL's own defaults turn both on; bf16 autocast on a CPU without native bf16
@@ -32,6 +40,7 @@ Usage:
     python scripts/benchmark.py --quick --out quick.json                        # tiny model, 3 steps (tests)
     python scripts/benchmark.py --bf16 --gradient-checkpointing --out on.json   # TRL's own defaults for both
     python scripts/benchmark.py --experimental --repeats 2 --out exp.json      # + `<arm>_compact` arms, twice
+    python scripts/benchmark.py --quick --shape chat --packing --out p.json    # + `<ext arm>_packed` arms
 
 Children get OMP_WAIT_POLICY=PASSIVE unless it is set: with OpenMP's default spin-waiting on an oversubscribed machine,
 every parallel region waits for a descheduled worker and small kernels ran ~100x slower with 2 threads than with 1.
@@ -54,7 +63,7 @@ from dataclasses import asdict
 
 from benchmark_child import run_arm
 from benchmark_report import _cpu_model, _loadavg, check_targets, format_table, format_targets, summarise
-from benchmark_setup import arms_for, experimental_arms, settings_from_args
+from benchmark_setup import arms_for, experimental_arms, packed_arms, settings_from_args
 
 # ---------------------------------------------------------------------------------------------------------- main
 
@@ -102,6 +111,8 @@ def orchestrate(args) -> int:
     arms = arms_for(args.kl_subset_size, args.batch_size)
     if args.experimental:
         arms += experimental_arms(arms)
+    if args.packing:
+        arms += packed_arms(arms)
     if args.arms:
         wanted = set(args.arms.split(","))
         unknown = wanted - {arm.name for arm in arms}
@@ -162,8 +173,9 @@ def orchestrate(args) -> int:
         print("no arm finished", file=sys.stderr)
         return 1
     targets = check_targets(rows)
-    if any(row["arm"].endswith("_compact") for row in rows):
-        targets += check_targets(rows, suffix="_compact")
+    for suffix in ("_compact", "_packed"):
+        if any(row["arm"].endswith(suffix) for row in rows):
+            targets += check_targets(rows, suffix=suffix)
     table = format_table(rows, settings, meta)
     print()
     print(table)
@@ -209,6 +221,11 @@ def parse_args(argv=None):
         "completion positions on CPU (evidence for a suggested trainer change)",
     )
     parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="also run ext_default_packed and ext_cached_packed: KTOExtTrainer with pack_no_grad_passes=True",
+    )
+    parser.add_argument(
         "--shape",
         choices=["short", "chat"],
         default="short",
@@ -242,7 +259,7 @@ def main(argv=None) -> int:
         return orchestrate(args)
     settings = settings_from_args(args)
     arms = arms_for(args.kl_subset_size, args.batch_size)
-    arms = {arm.name: arm for arm in arms + experimental_arms(arms)}
+    arms = {arm.name: arm for arm in arms + experimental_arms(arms) + packed_arms(arms)}
     if args.arm not in arms:
         raise SystemExit(f"unknown arm {args.arm!r}; choose from {', '.join(arms)}")
     result = run_arm(arms[args.arm], settings)

@@ -59,11 +59,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_forward_pass(trainer, collate_fn, batch_size: int, sort_by_length: bool = False) -> dict:
-    """One no-gradient forward of the target rows of the whole training set, as the reference precompute runs it
-    (`compute_ref_log_probs` with the KL rows switched off), timed batch by batch; collation is not timed.
-    `sort_by_length` batches rows of similar length together (less padding), as a length-sorted precompute would."""
+def time_forward_pass(trainer, collate_fn, batch_size: int, sort_by_length: bool = False, own: bool = False) -> dict:
+    """One no-gradient forward of the target rows of the whole training set, as TRL's reference precompute runs it
+    (`KTOTrainer.compute_ref_log_probs` with the KL rows switched off), timed batch by batch; collation is not timed.
+    `sort_by_length` batches rows of similar length together (less padding), as a length-sorted precompute would.
+    `own`: the same batches through KTOExtTrainer's fast path (`FastPath.sequence_logps`) instead of TRL's."""
     from torch.utils.data import DataLoader
+    from trl import KTOTrainer
 
     device = trainer.accelerator.device
     dataset = trainer.train_dataset
@@ -82,7 +84,14 @@ def time_forward_pass(trainer, collate_fn, batch_size: int, sort_by_length: bool
             batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
             _sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
-            trainer.compute_ref_log_probs(model, batch)
+            if own:
+                from trl_kto_ext.fast_path import fast_path
+
+                with trainer.accelerator.autocast():
+                    keys = ("input_ids", "attention_mask", "completion_mask")
+                    assert fast_path(trainer).sequence_logps(model, batch, keys) is not None, "fast path off"
+            else:
+                KTOTrainer.compute_ref_log_probs(trainer, model, batch)
             _sync(device)
             per_batch.append(time.perf_counter() - start)
             per_batch_cpu.append(time.process_time() - start_cpu)
@@ -208,6 +217,8 @@ def run_arm(arm: Arm, settings: dict) -> dict:
             extra["kl_pairing"] = arm.kl_pairing
         if arm.kl_subset:
             extra["kl_subset_size"] = settings["kl_subset_size"]
+        if arm.packed:
+            extra["pack_no_grad_passes"] = True
         # a fresh reference cache: the measured precompute is a miss, as on a first run
         extra["ref_cache_dir"] = tempfile.mkdtemp(prefix=f"kto-bench-refcache-{arm.name}-")
         config = KTOExtConfig(**common, beta=0.1, precompute_ref_log_probs=arm.precompute, **extra)
@@ -279,7 +290,36 @@ def run_arm(arm: Arm, settings: dict) -> dict:
             sorted_pass = time_forward_pass(trainer, original_collate, batch_size, sort_by_length=True)
             result["one_pass_sorted_fwd_s"] = sorted_pass["one_pass_fwd_s"]
             result["one_pass_sorted_fwd_cpu_s"] = sorted_pass["one_pass_fwd_cpu_s"]
+        if arm.trainer == "ext":
+            own_pass = time_forward_pass(trainer, original_collate, batch_size, own=True)
+            result["one_pass_own_fwd_s"] = own_pass["one_pass_fwd_s"]
+            result["one_pass_own_fwd_cpu_s"] = own_pass["one_pass_fwd_cpu_s"]
+            result.update(second_run(settings, tokenizer, rows, config, precompute_times))
     return result
+
+
+def second_run(settings: dict, tokenizer, rows: dict, config, precompute_times: list) -> dict:
+    """A second `KTOExtTrainer` on the same initial weights (rebuilt from the same seed), data and reference cache
+    directory, as a learning-rate sweep's next job would be: its one-time reference cost (wall and CPU seconds spent
+    in `_precompute_ref_logps`, hashing and reading included) and the number of forward calls of its model then."""
+    from datasets import Dataset
+
+    from trl_kto_ext import KTOExtTrainer
+
+    model = build_model(settings, tokenizer)
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    before = len(precompute_times)
+    try:
+        KTOExtTrainer(model=model, args=config, train_dataset=Dataset.from_dict(rows), processing_class=tokenizer)
+    finally:
+        hook.remove()
+    times = precompute_times[before:]
+    return dict(
+        second_run_precompute_s=sum(t[0] for t in times),
+        second_run_precompute_cpu_s=sum(t[1] for t in times),
+        second_run_ref_forwards=len(calls),
+    )
 
 
 def _mean(values) -> float | None:

@@ -21,6 +21,8 @@ class Arm:
     no_grad_forwards: float = 0.0  # no-gradient forwards per step, in units of one batch forward (k/B for a subset)
     # Experimental: score only the completion positions in TRL's fused LM head on CPU too (see `_compact_lm_head`).
     compact_head: bool = False
+    # KTOExtTrainer's padding-free no-grad passes (`pack_no_grad_passes=True`).
+    packed: bool = False
 
 
 EXPERIMENTAL_BASES = ("sft", "trl_default", "ext_default", "ext_cached", "ext_fastest")
@@ -33,6 +35,18 @@ def experimental_arms(arms: list[Arm]) -> list[Arm]:
         replace(arm, name=f"{arm.name}_compact", label=f"{arm.label} + compact LM head", compact_head=True)
         for arm in arms
         if arm.name in EXPERIMENTAL_BASES
+    ]
+
+
+PACKED_BASES = ("ext_default", "ext_cached")
+
+
+def packed_arms(arms: list[Arm]) -> list[Arm]:
+    """`<arm>_packed` copies of the ext arms with padding-free no-grad passes (`pack_no_grad_passes=True`)."""
+    return [
+        replace(arm, name=f"{arm.name}_packed", label=f"{arm.label} + packed no-grad passes", packed=True)
+        for arm in arms
+        if arm.name in PACKED_BASES
     ]
 
 

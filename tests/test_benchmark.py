@@ -1,4 +1,5 @@
-"""Smoke test of scripts/benchmark.py: `--quick` runs every arm and writes a table and JSON with finite numbers.
+"""scripts/benchmark.py: the report's targets computed from synthetic measurements, and a `--quick` smoke run of
+every arm that writes a table and JSON with finite numbers.
 
 No timing is asserted: the machine is shared, and the quick model is far too small for its timings to mean anything.
 """
@@ -12,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-# Six subprocesses that each import torch/transformers/trl: about a minute on 2 idle cores.
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 ARMS = ["sft", "trl_default", "trl_precompute", "ext_default", "ext_cached", "ext_fastest"]
 PRECOMPUTE_ARMS = {"trl_precompute", "ext_cached", "ext_fastest"}
@@ -25,6 +24,7 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Six subprocesses that each import torch/transformers/trl: about a minute on 2 idle cores.
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
@@ -41,6 +41,7 @@ def quick_run(tmp_path_factory):
     return proc.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_table_lists_every_arm(quick_run):
     stdout, _ = quick_run
     assert "precision: fp32" in stdout and "gradient checkpointing: off" in stdout
@@ -50,6 +51,7 @@ def test_table_lists_every_arm(quick_run):
     assert "| target | measured (wall clock) | measured (CPU time) | limit | met (wall) | met (CPU) |" in stdout
 
 
+@pytest.mark.slow
 def test_json_has_every_arm_with_finite_numbers(quick_run):
     _, data = quick_run
     assert data["failures"] == []
@@ -81,6 +83,9 @@ def test_json_has_every_arm_with_finite_numbers(quick_run):
     assert rows["sft"]["x_sft"] == pytest.approx(1.0)
     assert rows["trl_default"]["x_trl_default"] == pytest.approx(1.0)
     assert _finite(rows["ext_cached"]["one_pass_sorted_fwd_s"])
+    for arm in ("ext_cached", "ext_fastest"):  # a second trainer on the same cache: a hit, no reference forward
+        assert rows[arm]["second_run_ref_forwards"] == 0
+        assert _finite(rows[arm]["second_run_precompute_s"]) and _finite(rows[arm]["one_pass_own_fwd_s"])
     # The table in the JSON is the one printed.
     assert data["table"].splitlines()[0].startswith("precision: fp32")
     for target in data["targets"]:
@@ -89,6 +94,7 @@ def test_json_has_every_arm_with_finite_numbers(quick_run):
             assert _finite(target["value_cpu"]) and target["met_cpu"] in (True, False)
 
 
+@pytest.mark.slow
 def test_theoretical_passes(quick_run):
     _, data = quick_run
     fwd = {row["arm"]: row["fwd_equivalents"] for row in data["arms"]}
@@ -102,7 +108,6 @@ def test_chat_shape_is_long_tailed_with_the_stated_medians():
     import argparse
     import statistics
 
-    sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark_setup import build_rows, settings_from_args
 
     args = argparse.Namespace(
@@ -117,3 +122,108 @@ def test_chat_shape_is_long_tailed_with_the_stated_medians():
     assert min(completions) >= 5 and max(completions) <= 200 and 43 <= statistics.median(completions) <= 57
     assert max(prompts) > 4 * statistics.median(prompts)  # a long tail
     assert settings["aggregate"] == "mean" and settings["warmup_steps"] == 0
+
+
+# ---------------------------------------------------------------------------------------- report, synthetic input
+
+# (arm, s/step, CPU s/step, peak RSS MB, precompute s, precompute CPU s); one repeat each, no warm-up step
+SYNTHETIC = [
+    ("sft", 1.0, 2.0, 1000, 0.0, 0.0),
+    ("trl_default", 2.0, 4.0, 2000, 0.0, 0.0),
+    ("trl_precompute", 1.5, 3.0, 1800, 6.0, 12.0),
+    ("ext_default", 1.1, 2.6, 1400, 0.0, 0.0),
+    ("ext_cached", 0.8, 1.7, 1400, 3.0, 5.0),
+]
+
+
+def synthetic_runs(aggregate):
+    runs = {}
+    for arm, step, cpu, rss, pre, pre_cpu in SYNTHETIC:
+        steps = [step - 0.5, step, step + 0.5] if aggregate == "mean" else [step - 0.1, step, step + 0.9]
+        cpu_steps = [cpu - 1.0, cpu, cpu + 1.0] if aggregate == "mean" else [cpu - 0.2, cpu, cpu + 1.8]
+        result = dict(
+            arm=arm, step_s=steps, cpu_step_s=cpu_steps, wall_step_s=steps, median_step_s=step, precompute_s=pre,
+            precompute_cpu_s=pre_cpu, construct_s=1.0, peak_rss_mb=rss, cuda_peak_mb=None, _warmup_steps=0,
+            _aggregate=aggregate,
+        )  # fmt: skip
+        if pre:
+            result.update(one_pass_fwd_s=4.0, one_pass_fwd_cpu_s=8.0)
+        if arm == "ext_cached":
+            result.update(
+                one_pass_own_fwd_s=2.0, one_pass_own_fwd_cpu_s=4.0, second_run_precompute_s=0.2,
+                second_run_precompute_cpu_s=0.4, second_run_ref_forwards=0,
+            )  # fmt: skip
+        runs[arm] = [result]
+    return runs
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "median"])
+def test_targets_are_the_issue_targets_computed_from_the_measurements(aggregate):
+    """Issue 12's targets, each ratio recomputed here from the synthetic numbers (the mean and the median of the
+    synthetic steps are both the middle value, so the ratios are the same for both statistics)."""
+    from benchmark_report import check_targets, summarise
+    from benchmark_setup import arms_for
+
+    arms = [arm for arm in arms_for(2, 8) if arm.name != "ext_fastest"]
+    rows = summarise(synthetic_runs(aggregate), arms)
+    by = {row["arm"]: row for row in rows}
+    assert by["ext_default"]["step_stat"] == aggregate
+    assert by["ext_default"]["median_step_s"] == pytest.approx(1.1)
+    assert by["ext_cached"]["one_time_passes"] == pytest.approx(3.0 / 4.0)
+    assert by["ext_cached"]["one_time_own_passes_cpu"] == pytest.approx(5.0 / 4.0)
+    assert by["ext_cached"]["second_run_passes"] == pytest.approx(0.2 / 4.0)
+    targets = {t["target"]: t for t in check_targets(rows)}
+    expected = {
+        "ext_default s/step <= 0.6x trl_default": (1.1 / 2.0, 2.6 / 4.0, 0.6, True, False),
+        "ext_default s/step <= 1.2x sft": (1.1 / 1.0, 2.6 / 2.0, 1.2, True, False),
+        "ext_cached s/step <= 0.6x trl_precompute": (0.8 / 1.5, 1.7 / 3.0, 0.6, True, True),
+        "ext_default peak memory (RSS) <= 0.75x trl_default": (1400 / 2000, None, 0.75, True, None),
+        "ext_cached peak memory (RSS) <= 0.75x trl_precompute": (1400 / 1800, None, 0.75, False, None),
+        "ext_cached reference cache, first run, in passes (see unit) <= 1.0": (3.0 / 4.0, 5.0 / 8.0, 1.0, True, True),
+        "ext_cached reference forwards on a second run (same model, data, cache dir) <= 0": (0, None, 0, True, None),
+    }
+    assert set(targets) == set(expected)
+    for name, (value, value_cpu, limit, met, met_cpu) in expected.items():
+        t = targets[name]
+        assert t["value"] == pytest.approx(value) and t["limit"] == limit, name
+        assert (t["value_cpu"] is None) == (value_cpu is None), name
+        if value_cpu is not None:
+            assert t["value_cpu"] == pytest.approx(value_cpu), name
+        assert (t["met"], t["met_cpu"]) == (met, met_cpu), name
+
+
+def test_a_second_run_that_ran_the_reference_misses_the_target():
+    from benchmark_report import check_targets, summarise
+    from benchmark_setup import arms_for
+
+    runs = synthetic_runs("mean")
+    runs["ext_cached"][0]["second_run_ref_forwards"] = 12
+    rows = summarise(runs, arms_for(2, 8))
+    (target,) = [t for t in check_targets(rows) if "second run" in t["target"]]
+    assert target["value"] == 12 and target["met"] is False
+
+
+@pytest.mark.parametrize("aggregate,stat", [("mean", "mean"), (None, "median")])
+def test_table_headers_name_the_statistic_used(aggregate, stat):
+    from benchmark_report import PASS_UNIT, check_targets, format_table, format_targets, summarise
+    from benchmark_setup import arms_for
+
+    runs = synthetic_runs("mean" if aggregate else "median")
+    rows = summarise(runs, arms_for(2, 8))
+    settings = dict(
+        bf16=False, gradient_checkpointing=False, vocab_size=100, batch_size=8, prompt_len=(1, 2),
+        completion_len=(1, 2), warmup_steps=0, steps=3,
+    )  # fmt: skip
+    if aggregate:
+        settings["aggregate"] = aggregate
+    for row in rows:
+        row.update(device="cpu", torch_threads=1, n_params=1e6, repeats=1, tokens_per_step=1.0,
+                   padded_tokens_per_step=1.0, passes="", fwd_equivalents=1.0)  # fmt: skip
+    table = format_table(rows, settings, {"loadavg_start": "0"})
+    header = next(line for line in table.splitlines() if line.startswith("| arm |"))
+    other = "median" if stat == "mean" else "mean"
+    assert f"| {stat} s/step |" in header and f"CPU {stat} s/step" in header and other not in header
+    assert ("mean over one whole epoch" if stat == "mean" else "median of the measured steps") in table
+    cached = next(line for line in table.splitlines() if line.startswith("| ext_cached |"))
+    assert "0.20 (0.05; 0)" in cached  # second run: seconds (passes; reference forwards)
+    assert PASS_UNIT in format_targets(check_targets(rows))

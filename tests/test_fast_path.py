@@ -11,9 +11,13 @@ from conftest import cpu_args
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from test_loss import reference_kto
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from trl_kto_ext import KTOExtTrainer
-from trl_kto_ext.logps import install_completion_head, length_buckets
+from trl_kto_ext.fast_path import fast_path
+from trl_kto_ext.logps import install_completion_head, length_buckets, pack_rows, packed_completion_logps
 from trl_kto_ext.tiny import ALPHABET
 
 
@@ -52,17 +56,20 @@ def padded_logps(model, ids, attention_mask, completion_mask):
 
 
 CASES = [
-    # (LoRA, kl_pairing, batch size, precompute)
-    (False, "batch", 5, False),
-    (False, "dataset", 1, True),
-    (True, "batch", 3, False),
-    (True, "dataset", 4, True),
+    # (LoRA, kl_pairing, batch size, precompute, padding-free no-grad passes)
+    (False, "batch", 5, False, False),
+    (False, "dataset", 1, True, False),
+    (True, "batch", 3, False, False),
+    (True, "dataset", 4, True, False),
+    (False, "batch", 6, False, True),
+    (True, "batch", 1, False, True),
+    (True, "dataset", 4, True, True),
 ]
 
 
-@pytest.mark.parametrize("use_lora,kl_pairing,batch_size,precompute", CASES)
+@pytest.mark.parametrize("use_lora,kl_pairing,batch_size,precompute,packed", CASES)
 def test_loss_z0_rewards_equal_a_padded_computation(
-    small_model, tiny_tokenizer, tmp_path, caplog, use_lora, kl_pairing, batch_size, precompute
+    small_model, tiny_tokenizer, tmp_path, caplog, use_lora, kl_pairing, batch_size, precompute, packed
 ):
     beta = 0.3
     initial = copy.deepcopy(small_model)
@@ -76,6 +83,7 @@ def test_loss_z0_rewards_equal_a_padded_computation(
         precompute_ref_log_probs=precompute,
         ref_cache_dir=str(tmp_path / "cache"),
         beta=beta,
+        pack_no_grad_passes=packed,
     )
     with caplog.at_level(logging.WARNING):
         trainer = KTOExtTrainer(
@@ -128,9 +136,11 @@ def test_loss_z0_rewards_equal_a_padded_computation(
                     mean = sum(rewards[i] for i in rows) / len(rows)
                     tolerance = 1e-5 * max(scale[i] for i in rows)
                     assert metrics[f"rewards/{name}"][-1] == pytest.approx(mean, rel=1e-5, abs=tolerance)
-    # the fast path ran (not TRL's fallback) on every model it met
+    # the fast path ran (not TRL's fallback) on every model it met, packed where asked
     assert trainer._fast_path._verdict and all(trainer._fast_path._verdict.values())
-    assert "path off" not in caplog.text
+    assert "path off" not in caplog.text and "packing" not in caplog.text
+    assert bool(trainer._fast_path._packing_verdict) == packed
+    assert all(trainer._fast_path._packing_verdict.values())
 
 
 def test_length_buckets_are_the_cheapest_partition():
@@ -156,3 +166,90 @@ def test_a_model_without_trl_fused_head_is_left_alone(small_model):
     forward = small_model.forward
     assert install_completion_head(small_model) is False
     assert small_model.forward == forward
+
+
+# ------------------------------------------------------------------------------------------ padding-free packing
+
+KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
+def packing_trainer(model, tokenizer, tmp_path, batch_size=8, **overrides):
+    args = cpu_args(tmp_path, per_device_train_batch_size=batch_size, pack_no_grad_passes=True, **overrides)
+    return KTOExtTrainer(
+        model=model, args=args, train_dataset=odd_length_dataset(24, seed=4), processing_class=tokenizer
+    )
+
+
+@pytest.mark.parametrize("capacity", [None, 10_000])
+def test_packed_pass_equals_padded_float64(small_model, tiny_tokenizer, tmp_path, capacity):
+    """Rows packed end to end (capacity None: packs no wider than the batch; 10000: the whole batch in one pack)
+    give the padded float64 log-probs of every row, token by token and summed."""
+    trainer = packing_trainer(small_model, tiny_tokenizer, tmp_path)
+    model = trainer.model.eval()
+    assert install_completion_head(model)  # on the TRL fused head the trainer patched on
+    for batch in itertools.islice(iter(trainer.get_train_dataloader()), 2):
+        for prefix in ("", "KL_"):
+            ids, mask, completion = (batch[prefix + k] for k in KEYS)
+            lengths = mask.sum(-1).tolist()
+            packs = pack_rows(lengths, capacity or ids.size(1))
+            assert len(packs) < len(lengths)  # some pack holds several sequences
+            per_token = packed_completion_logps(model, ids, mask, completion, capacity=capacity)
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask).logits.double()
+            expected = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * completion[:, 1:]
+            assert per_token.shape == expected.shape
+            assert torch.allclose(per_token.double(), expected, rtol=1e-5, atol=1e-5)
+            assert torch.allclose(per_token.double().sum(-1), expected.sum(-1), rtol=1e-5, atol=0)
+
+
+def test_pack_rows_first_fit_decreasing():
+    rng = random.Random(1)
+    for _ in range(50):
+        lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 12))]
+        width = rng.randint(max(lengths), 60)
+        packs = pack_rows(lengths, width)
+        assert sorted(i for p in packs for i in p) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in p) <= width for p in packs)
+        assert len(packs) <= len(lengths)
+    assert pack_rows([5, 3, 4, 2], 7) == [[0, 3], [2, 1]]
+
+
+def _causal_only_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention kernel that applies its own causal mask and ignores the one it is given (as a plain causal
+    kernel would): exact for right-padded rows, wrong for packed ones."""
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+
+@pytest.fixture
+def causal_only_attention():
+    AttentionInterface.register("kto_test_causal_only", _causal_only_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("kto_test_causal_only", sdpa_mask)
+    yield "kto_test_causal_only"
+    AttentionInterface._global_mapping.pop("kto_test_causal_only", None)
+    ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop("kto_test_causal_only", None)
+
+
+def test_attention_that_ignores_packing_falls_back_to_buckets(
+    small_model, tiny_tokenizer, tmp_path, caplog, causal_only_attention
+):
+    """With a kernel that ignores the block-diagonal mask the packed check fails (said once), the no-grad passes use
+    the length buckets, and their values are still the padded float64 ones."""
+    small_model.set_attn_implementation(causal_only_attention)
+    with caplog.at_level(logging.WARNING):
+        trainer = packing_trainer(small_model, tiny_tokenizer, tmp_path)
+        batches = list(itertools.islice(iter(trainer.get_train_dataloader()), 2))
+        path = fast_path(trainer)
+        for batch in batches:
+            for prefix in ("", "KL_"):
+                got = path.sequence_logps(trainer.model, batch, tuple(prefix + k for k in KEYS))
+                expected = padded_logps(trainer.model, *(batch[prefix + k] for k in KEYS))
+                assert torch.allclose(got.double(), expected, rtol=1e-5, atol=0)
+    assert list(path._verdict.values()) == [True]  # the bucketed fast path itself is exact with this kernel
+    assert list(path._packing_verdict.values()) == [False]
+    assert caplog.text.count("Padding-free packing of the no-grad passes off for LlamaForCausalLM") == 1
+    assert "packed log-probs differ from TRL's" in caplog.text
+    # the same kernel really breaks packed rows: the check did not fail for another reason
+    ids, mask, completion = (batches[0][k] for k in KEYS)
+    packed = packed_completion_logps(trainer.model.eval(), ids, mask, completion, capacity=10_000).sum(-1).double()
+    assert not torch.allclose(packed, padded_logps(trainer.model, ids, mask, completion), rtol=1e-3)

@@ -54,6 +54,10 @@ class KTOExtConfig(KTOConfig):
             Persist precomputed reference log-probs on disk, keyed by the reference weights and the tokenized data.
         ref_cache_dir (`str` or `None`, defaults to `None`):
             Where; None: `$TRL_KTO_EXT_REF_CACHE`, else `~/.cache/trl_kto_ext/ref_logps`.
+        pack_no_grad_passes (`bool`, defaults to `False`):
+            Run the no-gradient passes (reference, policy KL rows, reference precompute) padding-free: rows packed end
+            to end with `position_ids` restarting per row. Used only on models where a start-up check shows it gives
+            the padded log-probs; otherwise length buckets, with one log line.
         on_nonfinite_loss (`str`, defaults to `"raise"`):
             `"raise"` stops at a NaN/inf training loss with a message naming the step; `"skip"` gives that step a zero
             gradient and counts it in the `skipped/nonfinite_steps` metric.
@@ -133,6 +137,14 @@ class KTOExtConfig(KTOConfig):
     dataloader_pin_memory: bool | None = field(
         default=None,
         metadata={"help": "Pin the dataloader's memory. Unset: on where a GPU/accelerator is used, off on CPU."},
+    )
+    pack_no_grad_passes: bool = field(
+        default=False,
+        metadata={
+            "help": "Padding-free no-gradient passes (rows packed with restarting position_ids, block-diagonal "
+            "attention), on models where a start-up check shows the log-probs equal the padded ones; else length "
+            "buckets. Off by default: slower than the buckets on CPU (docs/benchmark.md)."
+        },
     )
     on_nonfinite_loss: str = field(
         default="raise",

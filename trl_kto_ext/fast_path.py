@@ -22,11 +22,17 @@ class FastPath:
     of that batch on the fast path must equal TRL's fused-head path (relative 1e-4 in fp32, 2e-2 under bf16/fp16
     autocast, where both paths round). A model that fails, or whose TRL head cannot be extended (another TRL version,
     prompt-learning PEFT, vision inputs, MoE auxiliary loss), stays on TRL's path, and the reason is logged once.
+
+    With `pack_no_grad_passes`, the no-gradient passes run padding-free ([`logps.packed_completion_logps`]) on the
+    models where a first check shows it exact: the batch's rows packed into rows of twice the widest row (so that
+    sequences share packs; a single row is doubled) must give TRL's per-sequence log-probs within the same tolerance. Elsewhere (an attention kernel that ignores
+    packed positions, a model without `position_ids`) the length buckets are used, and the reason is logged once.
     """
 
     def __init__(self, trainer):
         self.trainer = trainer
         self._verdict: dict[int, bool] = {}
+        self._packing_verdict: dict[int, bool] = {}
 
     # ------------------------------------------------------------------------------------------------ passes
     def policy_forward(self, model, batch, kwargs) -> object | None:
@@ -51,6 +57,10 @@ class FastPath:
         fast path does not apply."""
         if not self._usable(model, batch, keys):
             return None
+        if self._packing_exact(model, batch, keys):
+            per_token = logps.packed_completion_logps(model, *(batch[k] for k in keys))
+            if per_token is not None:
+                return per_token.sum(-1)
         out = logps.completion_logps(model, *(batch[k] for k in keys), bucket_overhead_tokens=self._overhead(False))
         return out.log_probs.sum(-1)
 
@@ -77,6 +87,25 @@ class FastPath:
                 )
         return verdict
 
+    def _packing_exact(self, model, batch, keys) -> bool:
+        if not getattr(self.trainer.args, "pack_no_grad_passes", False):
+            return False
+        lm = self._causal_lm(model)
+        verdict = self._packing_verdict.get(id(lm))
+        if verdict is None:
+            try:
+                reason = self._compare(model, batch, keys, packed=True)
+            except Exception as error:  # e.g. a model whose forward takes no `position_ids`
+                reason = f"the packed forward failed ({type(error).__name__}: {error})"
+            verdict = self._packing_verdict[id(lm)] = reason is None
+            if reason is not None:
+                logger.warning(
+                    "Padding-free packing of the no-grad passes off for %s: %s. Using length buckets.",
+                    type(lm).__name__,
+                    reason,
+                )
+        return verdict
+
     def _causal_lm(self, model):
         unwrapped = self.trainer.accelerator.unwrap_model(model)
         return unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
@@ -91,9 +120,12 @@ class FastPath:
             return "no TRL fused LM head with readable settings on this model"
         return None
 
-    def _compare(self, model, batch, keys) -> str | None:
-        """None when the fast path's per-sequence log-probs on this batch equal TRL's path's."""
+    def _compare(self, model, batch, keys, packed: bool = False) -> str | None:
+        """None when the fast path's per-sequence log-probs on this batch equal TRL's path's. `packed`: the
+        padding-free pass in packs of twice the widest row (a single row is doubled, so that two sequences share one)."""
         ids, mask, completion = (batch[k] for k in keys)
+        if packed and ids.size(0) == 1:
+            ids, mask, completion = (torch.cat([x, x]) for x in (ids, mask, completion))
         labels = ids.masked_fill(completion == 0, -100)
         unwrapped = self.trainer.accelerator.unwrap_model(model)
         was_training = unwrapped.training
@@ -102,15 +134,22 @@ class FastPath:
             with torch.no_grad():
                 ref = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
                 ref = ref.log_probs[:, -(ids.size(1) - 1) :].sum(-1).double()
-                overhead = logps.bucket_overhead(self.trainer.accelerator.device)
-                fast = logps.completion_logps(model, ids, mask, completion, bucket_overhead_tokens=overhead)
-                fast = fast.log_probs.sum(-1).double()
+                if packed:
+                    # packs twice the widest row: any two rows fit, so every pack but the last holds several
+                    fast = logps.packed_completion_logps(model, ids, mask, completion, capacity=2 * ids.size(1))
+                    if fast is None:
+                        return "the batch is not right-padded"
+                else:
+                    overhead = logps.bucket_overhead(self.trainer.accelerator.device)
+                    fast = logps.completion_logps(model, ids, mask, completion, bucket_overhead_tokens=overhead)
+                    fast = fast.log_probs
+                fast = fast.sum(-1).double()
         finally:
             unwrapped.train(was_training)
         tolerance = 2e-2 if (self.trainer.args.bf16 or self.trainer.args.fp16) else 1e-4
         error = ((fast - ref).abs() / ref.abs().clamp(min=1.0)).max().item()
         if not error <= tolerance:
-            return f"its log-probs differ from TRL's by {error:.2e} (relative; tolerance {tolerance:g})"
+            return f"its {'packed ' if packed else ''}log-probs differ from TRL's by {error:.2e} (relative; tolerance {tolerance:g})"
         return None
 
 

@@ -204,3 +204,65 @@ def completion_logps(
 def bucket_overhead(device: torch.device) -> int:
     """Tokens one more forward call is worth on `device` (see `BUCKET_OVERHEAD_TOKENS`)."""
     return BUCKET_OVERHEAD_TOKENS.get(device.type, DEFAULT_BUCKET_OVERHEAD_TOKENS)
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Row indices grouped into packs of at most `width` tokens (first-fit decreasing; every length <= `width`),
+    each pack in the order its rows were placed.
+
+    Example: lengths [5, 3, 4, 2] with width 7 give [[0, 3], [2, 1]].
+    """
+    packs: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for p, room in enumerate(free):
+            if lengths[i] <= room:
+                packs[p].append(i)
+                free[p] -= lengths[i]
+                break
+        else:
+            packs.append([i])
+            free.append(width - lengths[i])
+    return packs
+
+
+@torch.no_grad()
+def packed_completion_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    capacity: int | None = None,
+) -> torch.Tensor | None:
+    """Per-token completion log-probs [B, T-1] (as [`completion_logps`] returns them, zero outside the completion)
+    from a padding-free, no-gradient pass: the rows' real tokens are packed end to end into rows of at most
+    `capacity` tokens (default T, so no pack attends over more than the widest padded row; [`pack_rows`]), with `position_ids` restarting at 0 for every row and no `attention_mask`, from which
+    transformers builds block-diagonal causal masks. Exact only where the model's attention honours that mask: the
+    caller checks it per model. None when a row has padding before a real token (not right-padded)."""
+    lengths = right_padded_lengths(attention_mask)
+    if lengths is None:
+        return None
+    width = max(capacity or 0, input_ids.size(1))
+    packs = pack_rows(lengths, width)
+    ids = input_ids.new_zeros(len(packs), width)
+    positions = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    target_labels = input_ids.masked_fill(completion_mask == 0, -100)
+    offsets = {}
+    for p, rows in enumerate(packs):
+        start = 0
+        for i in rows:
+            n = lengths[i]
+            ids[p, start : start + n] = input_ids[i, :n]
+            positions[p, start : start + n] = torch.arange(n, device=ids.device)
+            # the first token of a row is never a target: it would be scored from the previous row's last token
+            labels[p, start + 1 : start + n] = target_labels[i, 1:n]
+            offsets[i] = (p, start)
+            start += n
+        # the unused tail of a pack is its own segment (positions from 0), after every real token: it changes nothing
+        positions[p, start:] = torch.arange(width - start, device=ids.device)
+    packed = model(input_ids=ids, position_ids=positions, labels=labels, completion_only=("log_probs",)).log_probs
+    out = packed.new_zeros(input_ids.size(0), input_ids.size(1) - 1)
+    for i, (p, start) in offsets.items():
+        out[i, : lengths[i] - 1] = packed[p, start : start + lengths[i] - 1]
+    return out
