@@ -44,7 +44,7 @@ def cpu_args(output_dir, **overrides):
         output_dir=str(output_dir),
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to="none",
         save_strategy="no",
         per_device_train_batch_size=4,

@@ -14,7 +14,6 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback
 from trl import KTOConfig, KTOTrainer
 from trl.models import prepare_deepspeed
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, use_adapter
 
 from . import guards, ref_cache, reference, resume, validation
@@ -93,6 +92,7 @@ class KTOExtTrainer(KTOTrainer):
         # tokenization-time pairing and those checks); the real loss type is restored right after.
         with _loss_type_during_setup(args, "apo_zero_unpaired"):
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
+        validation.check_sharding(args, self.is_fsdp_enabled)  # FSDP asked for but not set up: stop, not plain DDP
         self.loss_type = args.loss_type
         self.calculate_KL = self._uses_kl
         if user_collator is None and not self._is_vision_dataset:
@@ -236,7 +236,7 @@ class KTOExtTrainer(KTOTrainer):
     def _reference(self):
         """Yields the reference model: `ref_model`, the policy with its adapters disabled (PEFT), the reference kept
         in host memory, or the policy itself only before its first update; otherwise raises a `RuntimeError`."""
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with torch.no_grad(), _activation_checkpointing_off(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None and is_peft_model(self.model):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
@@ -458,6 +458,19 @@ def _as_ext_config(args: KTOConfig | None, model) -> KTOExtConfig:
         values = {k: getattr(args, k) for k in values if KTOExtConfig.__dataclass_fields__[k].init}
         return KTOExtConfig(**values)
     raise TypeError(f"`args` must be a KTOExtConfig or trl.KTOConfig, got {type(args).__name__}.")
+
+
+@contextlib.contextmanager
+def _activation_checkpointing_off(model, checkpointing_kwargs: dict | None):
+    """TRL's `disable_gradient_checkpointing` under transformers 5's names (the old ones warn at every step)."""
+    was_enabled = bool(getattr(model, "is_activation_checkpointing", False))
+    if was_enabled:
+        model.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            model.activation_checkpointing_enable(checkpointing_kwargs)
 
 
 @contextlib.contextmanager

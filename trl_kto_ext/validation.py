@@ -363,3 +363,17 @@ def _main_process() -> bool:
     from accelerate import PartialState
 
     return not PartialState._shared_state or PartialState().is_main_process
+
+
+def check_sharding(args, fsdp_enabled: bool) -> None:
+    """Raises a `ValueError` when `fsdp` is set but accelerate did not set FSDP up.
+
+    accelerate selects FSDP only for GPU-type devices: on CPU (`use_cpu=True`, or no accelerator) the Trainer's
+    `fsdp` arguments silently give plain data parallelism with every parameter replicated.
+    """
+    if getattr(args, "fsdp", None) and not fsdp_enabled:
+        raise ValueError(
+            f"fsdp={args.fsdp!r} is set, but accelerate did not enable FSDP on device {args.device.type!r} (it does "
+            "so only on GPUs/accelerators): training would run as plain data parallelism with unsharded weights. "
+            "Run on GPUs, or remove `fsdp` to train with plain data parallelism knowingly."
+        )
