@@ -35,6 +35,9 @@ class KTOExtConfig(KTOConfig):
             lambda_D = loss_aversion_target * n_U / n_D. `"manual"` uses `desirable_weight` / `undesirable_weight`.
         loss_aversion_target (`float`, defaults to `1.0`):
             Target of lambda_D * n_D / (lambda_U * n_U) in `"auto"` mode; must lie in [1, 4/3] (paper, Eq. 8).
+        loss_aversion_stream_rows (`int`, defaults to `1000`):
+            For a streamed training set (`IterableDataset`), the number of its first rows read ahead (by a separate
+            iterator) to count n_D and n_U; the printed loss-aversion line names what was counted.
         kl_pairing_seed (`int` or `None`, defaults to `None`):
             Seed of the random mismatched pairing used for the KL rows; `None` uses `seed`.
         kl_pairing (`str`, defaults to `"batch"`):
@@ -69,6 +72,14 @@ class KTOExtConfig(KTOConfig):
         metadata={
             "help": "Target value of lambda_D * n_D / (lambda_U * n_U) in 'auto' mode. The KTO paper (Eq. 8) advises "
             "a value in [1, 4/3]."
+        },
+    )
+    loss_aversion_stream_rows: int = field(
+        default=1000,
+        metadata={
+            "help": "For a streamed training set (IterableDataset): how many of its first rows are read ahead, by a "
+            "separate iterator, to count n_D and n_U for the loss aversion. The printed loss-aversion line says how "
+            "many rows were counted."
         },
     )
     kl_pairing_seed: int | None = field(
@@ -132,6 +143,10 @@ class KTOExtConfig(KTOConfig):
                 stacklevel=3,
             )
             self.loss_aversion = "manual"
+        if int(self.loss_aversion_stream_rows) < 1:
+            raise ValueError(
+                f"`loss_aversion_stream_rows` must be a positive number of rows, got {self.loss_aversion_stream_rows}."
+            )
         if self.kl_pairing not in ("batch", "dataset"):
             raise ValueError(f"`kl_pairing` must be 'batch' or 'dataset', got {self.kl_pairing!r}.")
         if self.kl_subset_size is not None and int(self.kl_subset_size) < 1:

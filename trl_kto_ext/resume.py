@@ -29,15 +29,18 @@ class _PairingRecorder:
         return self.collator(features)
 
 
-def collator_for_dataloader(trainer, is_training: bool):
+def collator_for_dataloader(trainer, is_training: bool, dataset=None):
     """The collate function of a new dataloader: training batches are recorded (see `_PairingRecorder`); evaluation
-    gets a fresh copy of the collator, so evaluating neither moves the training pairing nor depends on when it runs.
+    gets a fresh copy of the collator that falls back on `dataset` itself (the evaluation set) for the KL rows a
+    batch cannot pair, so evaluating neither moves the training pairing nor depends on when it runs.
     """
     collator = trainer.data_collator
     if not isinstance(collator, KTOExtCollator):
         return collator
     if not is_training:
-        return dataclasses.replace(collator)
+        return dataclasses.replace(
+            collator, fallback_dataset=dataset if dataset is not None else collator.fallback_dataset
+        )
     trainer._pairing_pending = deque()
     return _PairingRecorder(collator, trainer._pairing_pending)
 

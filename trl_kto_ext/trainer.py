@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset
+from datasets import IterableDataset
 from transformers import Trainer, TrainerCallback
 from trl import KTOConfig, KTOTrainer
 from trl.models import prepare_deepspeed
@@ -20,7 +20,7 @@ from . import guards, resume, validation
 from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
 from .loss import apo_zero_unpaired_loss, kto_loss
-from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
+from .loss_aversion import LossAversion, count_raw_labels, count_stream_labels, resolve_loss_aversion
 from .pairing import add_dataset_kl_pairing
 from .peft_utils import asks_for_kbit, check_kbit_backend
 
@@ -94,7 +94,7 @@ class KTOExtTrainer(KTOTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 seed=_pairing_seed(args),
                 build_kl=self.calculate_KL,
-                fallback_dataset=self.train_dataset if isinstance(self.train_dataset, Dataset) else None,
+                fallback_dataset=self.train_dataset,  # a stream: its first rows, read by their own iterator
                 use_dataset_pairing=args.kl_pairing == "dataset",
             )
         if self.ref_model is None and self._kl_reference_needed_per_step() and not is_peft_model(self.model):
@@ -135,19 +135,27 @@ class KTOExtTrainer(KTOTrainer):
         return self._uses_kl and self.precompute_ref_logps and self.args.kl_pairing == "batch"
 
     def _set_loss_aversion(self, dataset, args) -> None:
-        counts = count_raw_labels(dataset)
-        if counts is None:  # an IterableDataset cannot be counted without consuming it
-            mode = "manual"
-            counts = (1, 1)
+        counted_from = ""
+        if isinstance(dataset, IterableDataset):  # counted from a bounded look-ahead, read by its own iterator
+            *counts, counted_from = count_stream_labels(dataset, args.loss_aversion_stream_rows)
         else:
-            mode = getattr(args, "loss_aversion", "manual")
-        self.loss_aversion = resolve_loss_aversion(
-            *counts,
-            mode=mode,
-            target=getattr(args, "loss_aversion_target", 1.0),
-            desirable_weight=args.desirable_weight,
-            undesirable_weight=args.undesirable_weight,
-        )
+            counts = count_raw_labels(dataset)
+        try:
+            self.loss_aversion = resolve_loss_aversion(
+                *counts,
+                mode=getattr(args, "loss_aversion", "manual"),
+                target=getattr(args, "loss_aversion_target", 1.0),
+                desirable_weight=args.desirable_weight,
+                undesirable_weight=args.undesirable_weight,
+            )._replace(counted_from=counted_from)
+        except ValueError as err:
+            if not counted_from:
+                raise
+            raise ValueError(
+                f"Counted from {counted_from}: {err} A stream ordered by label needs shuffling "
+                "(`dataset.shuffle(buffer_size=...)`), a larger `loss_aversion_stream_rows`, or "
+                "loss_aversion='manual' with desirable_weight/undesirable_weight."
+            ) from None
         self.desirable_weight = self.loss_aversion.desirable_weight
         self.undesirable_weight = self.loss_aversion.undesirable_weight
 
@@ -318,9 +326,9 @@ class KTOExtTrainer(KTOTrainer):
         self._metrics[mode].clear()
 
     # ---------------------------------------------------------------------------------------- resume the pairing
-    def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
-        with _attribute(self, "data_collator", resume.collator_for_dataloader(self, is_training)):
-            return super()._get_dataloader(*args, is_training=is_training, **kwargs)
+    def _get_dataloader(self, dataset, *args, is_training: bool = False, **kwargs):
+        with _attribute(self, "data_collator", resume.collator_for_dataloader(self, is_training, dataset)):
+            return super()._get_dataloader(dataset, *args, is_training=is_training, **kwargs)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
