@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import KTOConfig
 
+from .sampling import STRATEGIES
+
 # Eq. (8) of the KTO paper (arXiv 2402.01306): lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3].
 LOSS_AVERSION_RANGE = (1.0, 4.0 / 3.0)
 _RANGE_TOLERANCE = 1e-6
@@ -53,9 +55,10 @@ class KTOExtConfig(KTOConfig):
     train_sampling_strategy: str = field(
         default="random",
         metadata={
-            "help": "Sampler for the training dataloader: 'random', 'sequential' or 'group_by_length'. Any sampler "
-            "works because the KL rows are paired when each batch is collated.",
-            "choices": ["random", "sequential", "group_by_length"],
+            "help": "Sampler for the training dataloader: 'random', 'sequential', 'group_by_length' (batches of "
+            "similar lengths) or 'batch_rebalance' (padded-token cost balanced across devices). Any sampler works "
+            "because the KL rows are paired when each batch is collated.",
+            "choices": list(STRATEGIES),
         },
     )
     loss_aversion: str = field(
@@ -143,6 +146,11 @@ class KTOExtConfig(KTOConfig):
                 stacklevel=3,
             )
             self.loss_aversion = "manual"
+        if self.train_sampling_strategy not in STRATEGIES:
+            raise ValueError(
+                f"`train_sampling_strategy` must be one of {', '.join(map(repr, STRATEGIES))}, got "
+                f"{self.train_sampling_strategy!r}."
+            )
         if int(self.loss_aversion_stream_rows) < 1:
             raise ValueError(
                 f"`loss_aversion_stream_rows` must be a positive number of rows, got {self.loss_aversion_stream_rows}."

@@ -16,7 +16,7 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, use_adapter
 
-from . import guards, resume, validation
+from . import guards, resume, sampling, validation
 from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
 from .loss import apo_zero_unpaired_loss, kto_loss
@@ -123,6 +123,11 @@ class KTOExtTrainer(KTOTrainer):
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
             dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
         return dataset
+
+    def _get_train_sampler(self, train_dataset=None):
+        # transformers infers lengths for group_by_length / batch_rebalance from `input_ids`, absent from KTO rows.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return super()._get_train_sampler(sampling.with_lengths(dataset, self.args))
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
