@@ -96,10 +96,16 @@ def keep_kl_rows(batch: dict[str, Any], n_rows: int) -> dict[str, Any]:
     """The batch with only its first `n_rows` KL rows (random rows: the pairing is random), padding trimmed."""
     if batch["KL_input_ids"].size(0) <= n_rows:
         return batch
+    if "pixel_values" in batch:
+        raise ValueError(
+            "kl_subset_size is not supported with image inputs: the KL rows are run with the batch's images, which "
+            "belong to all its rows. Leave kl_subset_size unset (None) for vision datasets."
+        )
     batch = dict(batch)
     width = int(batch["KL_attention_mask"][:n_rows].sum(-1).max())  # right padding: trailing columns are padding
-    for key in ("KL_input_ids", "KL_attention_mask", "KL_completion_mask"):
-        batch[key] = batch[key][:n_rows, :width]
+    for key in ("KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids"):
+        if key in batch:
+            batch[key] = batch[key][:n_rows, :width]
     if "ref_KL_logps" in batch:
         batch["ref_KL_logps"] = batch["ref_KL_logps"][:n_rows]
     return batch

@@ -23,6 +23,7 @@ from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, count_raw_labels, count_stream_labels, resolve_loss_aversion
 from .pairing import add_dataset_kl_pairing
 from .peft_utils import asks_for_kbit, check_kbit_backend
+from .vision import KTOExtVisionCollator
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
@@ -30,6 +31,8 @@ _NON_MODEL_KEYS = {
     "KL_input_ids",
     "KL_attention_mask",
     "KL_completion_mask",
+    "KL_token_type_ids",
+    "KL_mm_token_type_ids",
     "label",
     "ref_logps",
     "ref_KL_logps",
@@ -87,7 +90,9 @@ class KTOExtTrainer(KTOTrainer):
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         self.loss_type = args.loss_type
         self.calculate_KL = self._uses_kl
-        if user_collator is None and not self._is_vision_dataset:
+        if user_collator is None and self._is_vision_dataset:
+            self.data_collator = self._vision_collator(args)
+        elif user_collator is None:
             self.data_collator = KTOExtCollator(
                 pad_token_id=self._tokenizer.pad_token_id,
                 max_length=args.max_length,
@@ -110,6 +115,24 @@ class KTOExtTrainer(KTOTrainer):
         self.add_callback(_LossAversionReport(self))
 
     # ----------------------------------------------------------------------------------------------- data set-up
+    def _vision_collator(self, args) -> KTOExtVisionCollator:
+        # TRL built its vision collator under the set-up loss type (no KL rows) and does not prepare vision datasets
+        # (rows are tokenized when collated): the loss aversion is counted here.
+        if self._uses_kl and args.kl_pairing == "dataset":
+            raise ValueError(
+                "kl_pairing='dataset' needs a tokenized training set, but vision rows are tokenized when collated; "
+                "use kl_pairing='batch' (the default) for vision datasets."
+            )
+        self._set_loss_aversion(self.train_dataset, args)
+        return KTOExtVisionCollator(
+            processor=self.processing_class,
+            max_length=args.max_length,
+            calculate_kl=self.calculate_KL,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            seed=_pairing_seed(args),
+            fallback_dataset=self.train_dataset,
+        )
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         validation.check_dataset(dataset, processing_class, dataset_name)
         if dataset_name == "train":
