@@ -38,6 +38,7 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 
 
 def build_vlm_processor() -> Qwen2_5_VLProcessor:
+    """Qwen2.5-VL's image processor (56 x 56 pixels: 4 image tokens per image) and a char-level chat tokenizer."""
     tokens = [*SPECIAL, *ALPHABET]
     backend = Tokenizer(models.WordLevel(vocab={tok: i for i, tok in enumerate(tokens)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -58,6 +59,7 @@ def build_vlm_processor() -> Qwen2_5_VLProcessor:
 
 
 def build_vlm(processor, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    """A randomly initialised Qwen2.5-VL (one text layer, one vision block, width 32) matching `processor`."""
     import torch
 
     tok = processor.tokenizer
@@ -71,6 +73,9 @@ def build_vlm(processor, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
             num_key_value_heads=1,
             max_position_embeddings=512,
             rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         ),
         vision_config=dict(
             depth=1,
@@ -88,6 +93,7 @@ def build_vlm(processor, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        bos_token_id=None,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )
@@ -96,5 +102,6 @@ def build_vlm(processor, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
 
 
 def image(seed: int) -> Image.Image:
+    """A random 56 x 56 RGB image; the same seed gives the same pixels."""
     pixels = np.random.default_rng(seed).integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
     return Image.fromarray(pixels)

@@ -132,3 +132,36 @@ def count_stream_labels(dataset: IterableDataset, max_rows: int) -> tuple[int, i
     counts = count_raw_labels(Dataset.from_list(rows, features=features))
     what = f"all {len(rows)} rows of the stream" if complete else f"the first {len(rows)} rows of the stream"
     return (*counts, what)
+
+
+def loss_aversion_for(dataset, args) -> LossAversion:
+    """lambda_D / lambda_U for a training set (map-style or streamed) and a config's loss-aversion fields.
+
+    A stream (`IterableDataset`) is counted from its first `args.loss_aversion_stream_rows` rows
+    ([`count_stream_labels`]); the result's `counted_from` says so.
+
+    Raises:
+        ValueError: a class is missing from what was counted (for a stream, with the ways out), or bad labels.
+    """
+    counted_from = ""
+    if isinstance(dataset, IterableDataset):
+        *counts, counted_from = count_stream_labels(dataset, getattr(args, "loss_aversion_stream_rows", 1000))
+    else:
+        counts = count_raw_labels(dataset)
+    try:
+        result = resolve_loss_aversion(
+            *counts,
+            mode=getattr(args, "loss_aversion", "manual"),
+            target=getattr(args, "loss_aversion_target", 1.0),
+            desirable_weight=args.desirable_weight,
+            undesirable_weight=args.undesirable_weight,
+        )
+    except ValueError as err:
+        if not counted_from:
+            raise
+        raise ValueError(
+            f"Counted from {counted_from}: {err} A stream ordered by label needs shuffling "
+            "(`dataset.shuffle(buffer_size=...)`), a larger `loss_aversion_stream_rows`, or "
+            "loss_aversion='manual' with desirable_weight/undesirable_weight."
+        ) from None
+    return result._replace(counted_from=counted_from)

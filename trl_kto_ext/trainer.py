@@ -9,7 +9,6 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import IterableDataset
 from transformers import Trainer, TrainerCallback
 from trl import KTOConfig, KTOTrainer
 from trl.models import prepare_deepspeed
@@ -20,10 +19,10 @@ from . import guards, resume, sampling, validation
 from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
 from .loss import apo_zero_unpaired_loss, kto_loss
-from .loss_aversion import LossAversion, count_raw_labels, count_stream_labels, resolve_loss_aversion
+from .loss_aversion import LossAversion, loss_aversion_for
 from .pairing import add_dataset_kl_pairing
 from .peft_utils import asks_for_kbit, check_kbit_backend
-from .vision import KTOExtVisionCollator
+from .vision import vision_collator
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
@@ -91,7 +90,12 @@ class KTOExtTrainer(KTOTrainer):
         self.loss_type = args.loss_type
         self.calculate_KL = self._uses_kl
         if user_collator is None and self._is_vision_dataset:
-            self.data_collator = self._vision_collator(args)
+            # TRL built its vision collator under the set-up loss type (no KL rows), and does not prepare vision
+            # datasets (rows are tokenized when collated): the loss aversion is counted here.
+            self._set_loss_aversion(self.train_dataset, args)
+            self.data_collator = vision_collator(
+                self.processing_class, args, self.calculate_KL, _pairing_seed(args), self.train_dataset
+            )
         elif user_collator is None:
             self.data_collator = KTOExtCollator(
                 pad_token_id=self._tokenizer.pad_token_id,
@@ -115,24 +119,6 @@ class KTOExtTrainer(KTOTrainer):
         self.add_callback(_LossAversionReport(self))
 
     # ----------------------------------------------------------------------------------------------- data set-up
-    def _vision_collator(self, args) -> KTOExtVisionCollator:
-        # TRL built its vision collator under the set-up loss type (no KL rows) and does not prepare vision datasets
-        # (rows are tokenized when collated): the loss aversion is counted here.
-        if self._uses_kl and args.kl_pairing == "dataset":
-            raise ValueError(
-                "kl_pairing='dataset' needs a tokenized training set, but vision rows are tokenized when collated; "
-                "use kl_pairing='batch' (the default) for vision datasets."
-            )
-        self._set_loss_aversion(self.train_dataset, args)
-        return KTOExtVisionCollator(
-            processor=self.processing_class,
-            max_length=args.max_length,
-            calculate_kl=self.calculate_KL,
-            pad_to_multiple_of=args.pad_to_multiple_of,
-            seed=_pairing_seed(args),
-            fallback_dataset=self.train_dataset,
-        )
-
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         validation.check_dataset(dataset, processing_class, dataset_name)
         if dataset_name == "train":
@@ -163,27 +149,7 @@ class KTOExtTrainer(KTOTrainer):
         return self._uses_kl and self.precompute_ref_logps and self.args.kl_pairing == "batch"
 
     def _set_loss_aversion(self, dataset, args) -> None:
-        counted_from = ""
-        if isinstance(dataset, IterableDataset):  # counted from a bounded look-ahead, read by its own iterator
-            *counts, counted_from = count_stream_labels(dataset, args.loss_aversion_stream_rows)
-        else:
-            counts = count_raw_labels(dataset)
-        try:
-            self.loss_aversion = resolve_loss_aversion(
-                *counts,
-                mode=getattr(args, "loss_aversion", "manual"),
-                target=getattr(args, "loss_aversion_target", 1.0),
-                desirable_weight=args.desirable_weight,
-                undesirable_weight=args.undesirable_weight,
-            )._replace(counted_from=counted_from)
-        except ValueError as err:
-            if not counted_from:
-                raise
-            raise ValueError(
-                f"Counted from {counted_from}: {err} A stream ordered by label needs shuffling "
-                "(`dataset.shuffle(buffer_size=...)`), a larger `loss_aversion_stream_rows`, or "
-                "loss_aversion='manual' with desirable_weight/undesirable_weight."
-            ) from None
+        self.loss_aversion = loss_aversion_for(dataset, args)  # a stream: counted from a bounded look-ahead
         self.desirable_weight = self.loss_aversion.desirable_weight
         self.undesirable_weight = self.loss_aversion.undesirable_weight
 

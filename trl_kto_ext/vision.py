@@ -107,3 +107,25 @@ def _image_digest(obj: Any) -> str:
 
 def _prompt_key_and_completion(row: dict[str, Any]) -> tuple[str, Any]:
     return prompt_key(row), row["completion"]
+
+
+def vision_collator(processor, args, calculate_kl: bool, seed: int, train_dataset) -> KTOExtVisionCollator:
+    """The trainer's collator for vision rows, falling back on `train_dataset` for KL completions.
+
+    Raises:
+        ValueError: `kl_pairing="dataset"` (it needs a tokenized training set; vision rows are tokenized when
+            collated).
+    """
+    if calculate_kl and args.kl_pairing == "dataset":
+        raise ValueError(
+            "kl_pairing='dataset' needs a tokenized training set, but vision rows are tokenized when collated; "
+            "use kl_pairing='batch' (the default) for vision datasets."
+        )
+    return KTOExtVisionCollator(
+        processor=processor,
+        max_length=args.max_length,
+        calculate_kl=calculate_kl,
+        pad_to_multiple_of=args.pad_to_multiple_of,
+        seed=seed,
+        fallback_dataset=train_dataset,
+    )
