@@ -167,3 +167,20 @@ def test_vlm_eval_with_batch_of_one_pairs_within_the_eval_set(processor, tmp_pat
     metrics = trainer.evaluate(Dataset.from_list(eval_rows))
     assert math.isfinite(metrics["eval_kl_raw"]) and len(trainer.batches) == 4
     assert _assert_kl_rows_pair_other_prompts(processor, trainer.batches, 4, shared=1) == 4
+
+
+def test_vision_rows_with_a_length_aware_sampler(processor, tmp_path):
+    # Vision rows are tokenized only when collated: without a length column the trainer stops at once, and with
+    # one it trains grouped by those lengths.
+    with pytest.raises(ValueError, match="train_sampling_strategy='group_by_length' needs each row's length"):
+        _trainer(processor, _rows(), tmp_path, train_sampling_strategy="group_by_length")
+    rows = [dict(row, length=i) for i, row in enumerate(_rows())]
+    trainer = _trainer(processor, rows, tmp_path, train_sampling_strategy="group_by_length")
+    trainer.train()
+    assert trainer.state.global_step == 2
+    # Mega-batches of 4 rows (12 // (4 * 4) rounds up to 1 batch) sorted by the given length, the row index, longest
+    # first; the overall longest row is swapped into the first place.
+    for n, batch in enumerate(trainer.batches):
+        order = [int(c.split("Thing ")[1].split(".")[0]) for _, c in _decoded_rows(processor, batch)]
+        order = order[1:] if n == 0 else order
+        assert order == sorted(order, reverse=True)

@@ -134,9 +134,10 @@ class KTOExtTrainer(KTOTrainer):
         return dataset
 
     def _get_train_sampler(self, train_dataset=None):
-        # transformers infers lengths for group_by_length / batch_rebalance from `input_ids`, absent from KTO rows.
+        # transformers infers lengths for group_by_length / batch_rebalance from `input_ids` (absent from KTO rows)
+        # or a length column, which its column pruning has removed by now: give it the lengths.
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return super()._get_train_sampler(sampling.with_lengths(dataset, self.args))
+        return super()._get_train_sampler(sampling.with_lengths(dataset, self.args, source=self.train_dataset))
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.

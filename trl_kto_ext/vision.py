@@ -11,6 +11,7 @@ from typing import Any
 from trl.trainer.kto_trainer import DataCollatorForVisionUnpairedPreference
 
 from .pairing import MismatchedCompletions
+from .sampling import check_lengths
 
 # The KL batch is collated like the target batch; these of its tensors become the `KL_` keys.
 _KL_KEYS = ("input_ids", "attention_mask", "completion_mask", "token_type_ids", "mm_token_type_ids")
@@ -114,13 +115,14 @@ def vision_collator(processor, args, calculate_kl: bool, seed: int, train_datase
 
     Raises:
         ValueError: `kl_pairing="dataset"` (it needs a tokenized training set; vision rows are tokenized when
-            collated).
+            collated), or a length-aware `train_sampling_strategy` without a `length_column_name` column.
     """
     if calculate_kl and args.kl_pairing == "dataset":
         raise ValueError(
             "kl_pairing='dataset' needs a tokenized training set, but vision rows are tokenized when collated; "
             "use kl_pairing='batch' (the default) for vision datasets."
         )
+    check_lengths(train_dataset, args)  # a length-aware sampler on rows without a length column: stop now
     return KTOExtVisionCollator(
         processor=processor,
         max_length=args.max_length,
