@@ -184,3 +184,20 @@ def test_vision_rows_with_a_length_aware_sampler(processor, tmp_path):
         order = [int(c.split("Thing ")[1].split(".")[0]) for _, c in _decoded_rows(processor, batch)]
         order = order[1:] if n == 0 else order
         assert order == sorted(order, reverse=True)
+
+
+def test_streamed_vision_rows_with_batch_of_one(processor, tmp_path):
+    rows = _rows()
+    trainer = RecordingTrainer(
+        build_vlm(processor),
+        args=cpu_args(tmp_path, max_steps=3, per_device_train_batch_size=1, max_length=None),
+        train_dataset=Dataset.from_list(rows).to_iterable_dataset(),
+        processing_class=processor,
+    )
+    trainer.batches = []
+    n_d = sum(r["label"] for r in rows)
+    assert trainer.loss_aversion.counted_from == "all 12 rows of the stream"
+    assert trainer.desirable_weight == pytest.approx((12 - n_d) / n_d)
+    trainer.train()
+    assert all(math.isfinite(v) for v in _kl_raw(trainer)) and len(_kl_raw(trainer)) == 3
+    assert _assert_kl_rows_pair_other_prompts(processor, trainer.batches, 12, shared=2) == 3
