@@ -148,3 +148,13 @@ def test_cli_streams_a_local_jsonl_file(tiny_default, tmp_path, capsys):
     assert f"KTO loss aversion (auto, counted from all 24 rows of the stream): lambda_D={(24 - n_d) / n_d:.4g}" in (
         printed
     )
+
+
+def test_cli_streaming_refuses_class_fractions(tmp_path):
+    from test_cli import TINY_CONFIG, _error
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    argv = ["--config", TINY_CONFIG, "--dataset_name", str(data), "--dataset_streaming", "true"]
+    message = _error([*argv, "--output_dir", str(tmp_path / "run"), "--desirable_fraction", "0.5"])
+    assert "desirable_fraction / undesirable_fraction need the whole dataset" in message
