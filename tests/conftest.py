@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded tiny default (built once, cached on disk) and a tiny random model."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Precomputed reference log-probs persist on disk: keep this run's apart from the user's cache.
+os.environ.setdefault("TRL_KTO_EXT_REF_CACHE", tempfile.mkdtemp(prefix="trl-kto-ext-ref-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -201,3 +201,20 @@ def test_streamed_vision_rows_with_batch_of_one(processor, tmp_path):
     trainer.train()
     assert all(math.isfinite(v) for v in _kl_raw(trainer)) and len(_kl_raw(trainer)) == 3
     assert _assert_kl_rows_pair_other_prompts(processor, trainer.batches, 12, shared=2) == 3
+
+
+def test_vision_class_label_is_read_by_its_names(processor, tmp_path):
+    from datasets import ClassLabel
+
+    rows = [dict(r, label="desirable" if r["label"] else "undesirable") for r in _rows()]
+    dataset = Dataset.from_list(rows).cast_column("label", ClassLabel(names=["desirable", "undesirable"]))
+    assert dataset[0]["label"] == 1  # row 0 is undesirable: code 1 by the sorted names
+    trainer = RecordingTrainer(
+        build_vlm(processor), args=cpu_args(tmp_path, max_steps=1, max_length=None, train_sampling_strategy="sequential"),
+        train_dataset=dataset, processing_class=processor,
+    )  # fmt: skip
+    trainer.batches = []
+    n_d = sum(r["label"] == "desirable" for r in rows)
+    assert (trainer.loss_aversion.n_desirable, trainer.loss_aversion.n_undesirable) == (n_d, 12 - n_d)
+    trainer.train()
+    assert trainer.batches[0]["label"].tolist() == [r["label"] == "desirable" for r in rows[:4]]

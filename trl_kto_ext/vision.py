@@ -10,6 +10,7 @@ from typing import Any
 
 from trl.trainer.kto_trainer import DataCollatorForVisionUnpairedPreference
 
+from .labels import decode_labels
 from .pairing import MismatchedCompletions
 from .sampling import check_lengths
 
@@ -131,3 +132,14 @@ def vision_collator(processor, args, calculate_kl: bool, seed: int, train_datase
         seed=seed,
         fallback_dataset=train_dataset,
     )
+
+
+def with_decoded_labels(datasets):
+    """A dataset (or dict of them, or None) of vision rows with a `ClassLabel` label read by its class names.
+
+    TRL does not prepare vision datasets (their rows are tokenized when collated), so the trainer's conversion of
+    text rows does not reach them. ValueError for class names that are not recognised.
+    """
+    if isinstance(datasets, dict):
+        return {name: decode_labels(dataset) for name, dataset in datasets.items()}
+    return decode_labels(datasets) if datasets is not None else None
