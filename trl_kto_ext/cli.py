@@ -80,7 +80,8 @@ HELP_TEXTS = {
     "dataset_name": f"A Hub dataset id, a local folder (save_to_disk or data files), a .jsonl/.json/.csv/.parquet file, "
     f"or {TINY_DATASET} (the embedded offline addition data).",
     "dataset_config": "Dataset configuration name (the `name` argument of `datasets.load_dataset`).",
-    "dataset_streaming": "Stream the dataset (not supported: loss_aversion='auto' needs the class counts).",
+    "dataset_streaming": "Read the dataset lazily (an IterableDataset; max_steps is required). The loss aversion is "
+    "counted from its first loss_aversion_stream_rows rows.",
     "model_name_or_path": f"A Hub model id, a local folder, or {TINY_MODEL} (the embedded 0.5M-parameter model, built "
     "and cached on first use).",
 }
@@ -293,9 +294,9 @@ def load_datasets(script_args, training_args):
     """(train, eval or None, tiny_heldout or None) from `dataset_name`; SystemExit with the loader's message."""
     from .data import load_unpaired_dataset, subsample_class, train_eval_split
 
-    if script_args.dataset_streaming:
-        _fail("dataset_streaming is not supported: loss_aversion='auto' needs the class counts of the whole set.")
     want_eval = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
+    if script_args.dataset_streaming:
+        return _streamed_datasets(script_args, training_args.seed, want_eval)
     seed, eval_set, heldout = training_args.seed, None, None
     try:
         if script_args.dataset_name == TINY_DATASET:
@@ -338,6 +339,55 @@ def as_flags(message: str) -> str:
     """A message of the Python API in command-line words: `prompt_column=<x>` becomes `--prompt_column <x>`."""
     message = _KEYWORDS.sub(lambda m: f"--{m.group(1)}" + (" " if m.group(2) else ""), message)
     return re.sub(r"(?<![\w-])split=\s?", "--dataset_train_split / --dataset_test_split ", message)
+
+
+def _streamed_datasets(script_args, seed: int, want_eval: bool):
+    """(train, eval or None, tiny_heldout or None) as `IterableDataset`s read lazily (`dataset_streaming`): columns
+    mapped and labels normalised row by row; the trainer counts the loss aversion from a bounded look-ahead."""
+    from .data import _BUILDERS
+    from .labels import decode_labels, normalize_label
+
+    if (script_args.desirable_fraction, script_args.undesirable_fraction) != (1.0, 1.0):
+        _fail(
+            "desirable_fraction / undesirable_fraction need the whole dataset: not available with dataset_streaming."
+        )
+    if script_args.dataset_name == TINY_DATASET:
+        from .tiny import heldout_prompts, make_kto_dataset
+
+        train = make_kto_dataset(script_args.tiny_train_rows, seed=seed).to_iterable_dataset()
+        eval_set = make_kto_dataset(script_args.tiny_eval_rows, seed=seed, split="heldout") if want_eval else None
+        return train, eval_set, heldout_prompts()
+    if not script_args.dataset_name:
+        _fail(f"no dataset: set dataset_name (a data file or folder, a Hub id, or {TINY_DATASET}).")
+    import datasets
+
+    name = os.path.expanduser(script_args.dataset_name)
+    suffix = os.path.splitext(name)[1].lower()
+    if os.path.isfile(name) and suffix not in _BUILDERS:
+        _fail(f"unsupported file type {suffix or '(none)'!r} for {name}; convert it to {', '.join(_BUILDERS)}.")
+    if _looks_local(script_args.dataset_name) and not os.path.exists(name):
+        _fail(f"no such file or folder: {name}.")
+    mapping = {getattr(script_args, f"{c}_column"): c for c in COLUMNS}
+
+    def load(split: str):
+        if os.path.isfile(name):
+            stream = datasets.load_dataset(_BUILDERS[suffix], data_files=name, split=split, streaming=True)
+        else:
+            stream = datasets.load_dataset(name, name=script_args.dataset_config, split=split, streaming=True)
+        renames = {old: new for old, new in mapping.items() if old != new and old in (stream.column_names or [])}
+        stream = decode_labels(stream.rename_columns(renames) if renames else stream)  # a ClassLabel by its names
+        if "label" in (stream.column_names or []):
+            stream = stream.map(lambda row, i: {"label": normalize_label(row["label"], i)}, with_indices=True)
+        return stream
+
+    try:
+        train = load(script_args.dataset_train_split)
+        eval_set = load(script_args.dataset_test_split) if want_eval else None
+    except (FileNotFoundError, ValueError) as err:
+        _fail(
+            as_flags(f"{err} (with dataset_streaming the eval split must exist: eval_fraction cannot split a stream)")
+        )
+    return train, eval_set, None
 
 
 def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
-import random
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
-from .pairing import draw_kl_partners
-
-# Draws from the dataset before a linear scan when no row of the batch or of the history has another prompt.
-_DATASET_DRAWS = 32
+from .pairing import MismatchedCompletions
 
 
 @dataclass
@@ -34,10 +29,12 @@ class KTOExtCollator(DataCollatorForUnpairedPreference):
         seed: seed of the pairing; the same seed gives the same pairings for the same batches.
         build_kl: build the KL rows (False for losses without a reference point, e.g. `apo_zero_unpaired`).
         fallback_dataset: rows with `prompt_ids` / `completion_ids` to draw from when the batch and the history have
-            no other prompt (the trainer passes its tokenized training set).
+            no other prompt (the trainer passes its tokenized training or evaluation set). A `Dataset` is drawn from
+            at random; of an `IterableDataset`, the first `stream_lookahead` rows are read once by a fresh iterator.
         history_size: number of recent (prompt, completion) rows kept for that purpose.
         use_dataset_pairing: keep the `KL_completion_ids` (and `ref_KL_logps`) that examples already carry, from a
             pairing fixed over the dataset (`kl_pairing="dataset"`); rows without them are paired in the batch.
+        stream_lookahead: rows read from a streamed `fallback_dataset`.
 
     Example:
     ```python
@@ -62,10 +59,12 @@ class KTOExtCollator(DataCollatorForUnpairedPreference):
     fallback_dataset: Any = field(default=None, repr=False)
     history_size: int = 256
     use_dataset_pairing: bool = False
+    stream_lookahead: int = 1000
 
     def __post_init__(self):
-        self._rng = random.Random(self.seed)
-        self._history: deque[tuple[tuple[int, ...], list[int]]] = deque(maxlen=self.history_size)
+        self._pairs = MismatchedCompletions(
+            self.seed, self.history_size, self.fallback_dataset, _prompt_and_completion, self.stream_lookahead
+        )
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if self.use_dataset_pairing and all("KL_completion_ids" in ex for ex in examples):
@@ -80,62 +79,34 @@ class KTOExtCollator(DataCollatorForUnpairedPreference):
     def kl_completions(self, examples: list[dict[str, Any]]) -> list[list[int]]:
         """The completion ids paired with each example's prompt for the KL rows."""
         keys = [tuple(ex["prompt_ids"]) for ex in examples]
-        partners = draw_kl_partners(keys, self._rng)
-        completions = [
-            list(examples[j]["completion_ids"]) if j is not None else self._completion_from_elsewhere(key)
-            for key, j in zip(keys, partners)
-        ]
-        self._history.extend((key, list(ex["completion_ids"])) for key, ex in zip(keys, examples))
-        return completions
-
-    def _completion_from_elsewhere(self, prompt_key: tuple[int, ...]) -> list[int]:
-        candidates = [completion for key, completion in self._history if key != prompt_key]
-        if candidates:
-            return self._rng.choice(candidates)
-        dataset = self.fallback_dataset
-        if dataset is not None and len(dataset) > 0:
-            n = len(dataset)
-            for _ in range(_DATASET_DRAWS):
-                row = dataset[self._rng.randrange(n)]
-                if tuple(row["prompt_ids"]) != prompt_key:
-                    return list(row["completion_ids"])
-            start = self._rng.randrange(n)
-            for offset in range(n):
-                row = dataset[(start + offset) % n]
-                if tuple(row["prompt_ids"]) != prompt_key:
-                    return list(row["completion_ids"])
-        raise ValueError(
-            "Cannot build a KL row: no example with a different prompt is available (the batch, the recent batches "
-            "and the dataset all share one prompt). KTO estimates its reference point from (prompt, completion) pairs "
-            "with mismatched prompts, so the data needs at least two distinct prompts; when using the collator on "
-            "its own, pass `fallback_dataset=` (or a batch with two prompts)."
-        )
+        return self._pairs.draw(keys, [list(ex["completion_ids"]) for ex in examples])
 
     def state_dict(self) -> dict[str, Any]:
         """Random state and history, saved in checkpoints so that a resumed run draws the same pairings."""
-        return {"rng_state": self._rng.getstate(), "history": list(self._history)}
+        return self._pairs.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rng.setstate(_as_rng_state(state["rng_state"]))
-        self._history = deque(
-            ((tuple(key), list(completion)) for key, completion in state["history"]), maxlen=self.history_size
-        )
+        self._pairs.load_state_dict(state)
 
 
-def _as_rng_state(state: Any) -> tuple:
-    # JSON turns random.Random's (version, tuple, gauss_next) state into lists.
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
+def _prompt_and_completion(row: dict[str, Any]) -> tuple[tuple[int, ...], list[int]]:
+    return tuple(row["prompt_ids"]), list(row["completion_ids"])
 
 
 def keep_kl_rows(batch: dict[str, Any], n_rows: int) -> dict[str, Any]:
     """The batch with only its first `n_rows` KL rows (random rows: the pairing is random), padding trimmed."""
     if batch["KL_input_ids"].size(0) <= n_rows:
         return batch
+    if "pixel_values" in batch:
+        raise ValueError(
+            "kl_subset_size is not supported with image inputs: the KL rows are run with the batch's images, which "
+            "belong to all its rows. Leave kl_subset_size unset (None) for vision datasets."
+        )
     batch = dict(batch)
     width = int(batch["KL_attention_mask"][:n_rows].sum(-1).max())  # right padding: trailing columns are padding
-    for key in ("KL_input_ids", "KL_attention_mask", "KL_completion_mask"):
-        batch[key] = batch[key][:n_rows, :width]
+    for key in ("KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids"):
+        if key in batch:
+            batch[key] = batch[key][:n_rows, :width]
     if "ref_KL_logps" in batch:
         batch["ref_KL_logps"] = batch["ref_KL_logps"][:n_rows]
     return batch

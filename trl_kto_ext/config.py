@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from trl import KTOConfig
 
+from .sampling import STRATEGIES
+
 # Eq. (8) of the KTO paper (arXiv 2402.01306): lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3].
 LOSS_AVERSION_RANGE = (1.0, 4.0 / 3.0)
 _RANGE_TOLERANCE = 1e-6
@@ -43,6 +45,9 @@ class KTOExtConfig(KTOConfig):
             lambda_D = loss_aversion_target * n_U / n_D. `"manual"` uses `desirable_weight` / `undesirable_weight`.
         loss_aversion_target (`float`, defaults to `1.0`):
             Target of lambda_D * n_D / (lambda_U * n_U) in `"auto"` mode; must lie in [1, 4/3] (paper, Eq. 8).
+        loss_aversion_stream_rows (`int`, defaults to `1000`):
+            For a streamed training set (`IterableDataset`), the number of its first rows read ahead (by a separate
+            iterator) to count n_D and n_U; the printed loss-aversion line names what was counted.
         kl_pairing_seed (`int` or `None`, defaults to `None`):
             Seed of the random mismatched pairing used for the KL rows; `None` uses `seed`.
         kl_pairing (`str`, defaults to `"batch"`):
@@ -69,9 +74,10 @@ class KTOExtConfig(KTOConfig):
     train_sampling_strategy: str = field(
         default="random",
         metadata={
-            "help": "Sampler for the training dataloader: 'random', 'sequential' or 'group_by_length'. Any sampler "
-            "works because the KL rows are paired when each batch is collated.",
-            "choices": ["random", "sequential", "group_by_length"],
+            "help": "Sampler for the training dataloader: 'random', 'sequential', 'group_by_length' (batches of "
+            "similar lengths) or 'batch_rebalance' (padded-token cost balanced across devices). Any sampler works "
+            "because the KL rows are paired when each batch is collated.",
+            "choices": list(STRATEGIES),
         },
     )
     loss_aversion: str = field(
@@ -88,6 +94,14 @@ class KTOExtConfig(KTOConfig):
         metadata={
             "help": "Target value of lambda_D * n_D / (lambda_U * n_U) in 'auto' mode. The KTO paper (Eq. 8) advises "
             "a value in [1, 4/3]."
+        },
+    )
+    loss_aversion_stream_rows: int = field(
+        default=1000,
+        metadata={
+            "help": "For a streamed training set (IterableDataset): how many of its first rows are read ahead, by a "
+            "separate iterator, to count n_D and n_U for the loss aversion. The printed loss-aversion line says how "
+            "many rows were counted."
         },
     )
     kl_pairing_seed: int | None = field(
@@ -201,6 +215,15 @@ class KTOExtConfig(KTOConfig):
                 stacklevel=3,
             )
             self.loss_aversion = "manual"
+        if self.train_sampling_strategy not in STRATEGIES:
+            raise ValueError(
+                f"`train_sampling_strategy` must be one of {', '.join(map(repr, STRATEGIES))}, got "
+                f"{self.train_sampling_strategy!r}."
+            )
+        if int(self.loss_aversion_stream_rows) < 1:
+            raise ValueError(
+                f"`loss_aversion_stream_rows` must be a positive number of rows, got {self.loss_aversion_stream_rows}."
+            )
         if self.kl_pairing not in ("batch", "dataset"):
             raise ValueError(f"`kl_pairing` must be 'batch' or 'dataset', got {self.kl_pairing!r}.")
         if self.kl_subset_size is not None and int(self.kl_subset_size) < 1:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import NamedTuple
 
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 
 from .config import LOSS_AVERSION_RANGE
 from .labels import label_values
@@ -20,6 +21,8 @@ class LossAversion(NamedTuple):
         n_desirable: n_D, desirable rows in the training set.
         n_undesirable: n_U, undesirable rows in the training set.
         mode: "auto" or "manual".
+        counted_from: where n_D and n_U were counted when not the whole training set (e.g. "the first 1000 rows of
+            the stream"); empty for the whole set.
     """
 
     desirable_weight: float
@@ -27,6 +30,7 @@ class LossAversion(NamedTuple):
     n_desirable: int
     n_undesirable: int
     mode: str
+    counted_from: str = ""
 
     @property
     def ratio(self) -> float:
@@ -35,7 +39,7 @@ class LossAversion(NamedTuple):
 
     def describe(self) -> str:
         return (
-            f"KTO loss aversion ({self.mode}): lambda_D={self.desirable_weight:.4g}, "
+            f"KTO loss aversion ({self.mode}{', counted from ' + self.counted_from if self.counted_from else ''}): lambda_D={self.desirable_weight:.4g}, "
             f"lambda_U={self.undesirable_weight:.4g}, n_D={self.n_desirable}, n_U={self.n_undesirable}, "
             f"lambda_D*n_D/(lambda_U*n_U)={self.ratio:.4g} (paper advises [1, 4/3])"
         )
@@ -100,3 +104,65 @@ def count_raw_labels(dataset) -> tuple[int, int] | None:
         f"The training set has columns {sorted(columns)}; KTO needs `prompt`, `completion` and `label` (unpaired) or "
         "`prompt`, `chosen` and `rejected` (paired). Rename the columns, e.g. with `dataset.rename_column(...)`."
     )
+
+
+# Columns a label count reads; the others (images, long texts) are not copied out of a stream.
+_COUNTED_COLUMNS = ("prompt", "completion", "label", "chosen", "rejected")
+
+
+def count_stream_labels(dataset: IterableDataset, max_rows: int) -> tuple[int, int, str]:
+    """(n_desirable, n_undesirable, what was counted) from the first `max_rows` rows of a stream.
+
+    The rows are read by a fresh iterator (`iter(dataset)`), so the iteration the trainer starts later is not
+    consumed, and counted by [`count_raw_labels`]. The description reads "all 16 rows of the stream" when the stream
+    ended within `max_rows`, else "the first 1000 rows of the stream".
+
+    Raises:
+        ValueError: the stream is empty, or its rows have no usable label / paired columns.
+    """
+    rows = list(itertools.islice(iter(dataset), max_rows + 1))
+    complete = len(rows) <= max_rows
+    rows = [{k: row[k] for k in _COUNTED_COLUMNS if k in row} for row in rows[:max_rows]]
+    if not rows:
+        raise ValueError("The streamed training set has no rows: give a stream with data.")
+    features = dataset.features
+    if features is not None:
+        features = features.copy()
+        for name in [name for name in features if name not in rows[0]]:
+            del features[name]
+    counts = count_raw_labels(Dataset.from_list(rows, features=features))
+    what = f"all {len(rows)} rows of the stream" if complete else f"the first {len(rows)} rows of the stream"
+    return (*counts, what)
+
+
+def loss_aversion_for(dataset, args) -> LossAversion:
+    """lambda_D / lambda_U for a training set (map-style or streamed) and a config's loss-aversion fields.
+
+    A stream (`IterableDataset`) is counted from its first `args.loss_aversion_stream_rows` rows
+    ([`count_stream_labels`]); the result's `counted_from` says so.
+
+    Raises:
+        ValueError: a class is missing from what was counted (for a stream, with the ways out), or bad labels.
+    """
+    counted_from = ""
+    if isinstance(dataset, IterableDataset):
+        *counts, counted_from = count_stream_labels(dataset, getattr(args, "loss_aversion_stream_rows", 1000))
+    else:
+        counts = count_raw_labels(dataset)
+    try:
+        result = resolve_loss_aversion(
+            *counts,
+            mode=getattr(args, "loss_aversion", "manual"),
+            target=getattr(args, "loss_aversion_target", 1.0),
+            desirable_weight=args.desirable_weight,
+            undesirable_weight=args.undesirable_weight,
+        )
+    except ValueError as err:
+        if not counted_from:
+            raise
+        raise ValueError(
+            f"Counted from {counted_from}: {err} A stream ordered by label needs shuffling "
+            "(`dataset.shuffle(buffer_size=...)`), a larger `loss_aversion_stream_rows`, or "
+            "loss_aversion='manual' with desirable_weight/undesirable_weight."
+        ) from None
+    return result._replace(counted_from=counted_from)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections import deque
 from collections.abc import Hashable, Sequence
 
 from datasets import Dataset
@@ -11,6 +13,8 @@ from datasets import Dataset
 # so a few are tried before falling back to an independent draw per row.
 _CYCLE_TRIES = 8
 _REJECTION_TRIES = 64
+# Draws from the fallback rows before a linear scan when no row of the batch or of the history has another prompt.
+_DATASET_DRAWS = 32
 
 
 def draw_kl_partners(prompt_keys: Sequence[Hashable], rng: random.Random) -> list[int | None]:
@@ -72,3 +76,92 @@ def add_dataset_kl_pairing(dataset, seed: int):
         )
     completions = dataset["completion_ids"]
     return dataset.add_column("KL_completion_ids", [list(completions[j]) for j in partners])
+
+
+class MismatchedCompletions:
+    """Draws, for each row of a batch, a completion written for another prompt.
+
+    From the batch first (`draw_kl_partners`), then from the rows of recently collated batches, then from
+    `fallback`: rows with random access (a map-style `Dataset`), or an iterable one (an `IterableDataset`) whose first
+    `lookahead` rows are read once, by a fresh iterator, the first time they are needed.
+
+    Args:
+        seed: seed of every draw.
+        history_size: number of recent (prompt key, completion) rows kept.
+        fallback: rows to draw from when the batch and the history have no other prompt, or None.
+        row_pair: maps a fallback row to its (prompt key, completion).
+        lookahead: rows read from an iterable `fallback`.
+    """
+
+    def __init__(self, seed: int, history_size: int, fallback, row_pair, lookahead: int = 1000):
+        self.rng = random.Random(seed)
+        self.history: deque = deque(maxlen=history_size)
+        self._fallback = fallback
+        self._row_pair = row_pair
+        self._lookahead = lookahead
+        self._stream_rows: list | None = None
+
+    def draw(self, keys: Sequence[Hashable], completions: Sequence) -> list:
+        """The completion paired with each row's prompt; ValueError when no row with another prompt exists."""
+        partners = draw_kl_partners(keys, self.rng)
+        drawn = [completions[j] if j is not None else self._from_elsewhere(key) for key, j in zip(keys, partners)]
+        self.history.extend(zip(keys, completions))
+        return drawn
+
+    def _fallback_rows(self):
+        fallback = self._fallback
+        if fallback is None or (hasattr(fallback, "__getitem__") and hasattr(fallback, "__len__")):
+            return fallback
+        if self._stream_rows is None:  # a stream: a bounded look-ahead, read by its own iterator
+            self._stream_rows = [self._row_pair(row) for row in itertools.islice(iter(fallback), self._lookahead)]
+        return _Rows(self._stream_rows)
+
+    def _from_elsewhere(self, prompt_key):
+        candidates = [completion for key, completion in self.history if key != prompt_key]
+        if candidates:
+            return self.rng.choice(candidates)
+        rows = self._fallback_rows()
+        if rows is not None and len(rows) > 0:
+            n = len(rows)
+            for _ in range(_DATASET_DRAWS):
+                key, completion = self._row(rows, self.rng.randrange(n))
+                if key != prompt_key:
+                    return completion
+            start = self.rng.randrange(n)
+            for offset in range(n):
+                key, completion = self._row(rows, (start + offset) % n)
+                if key != prompt_key:
+                    return completion
+        where = (
+            "the batch, the recent batches and the fallback rows all share one prompt"
+            if rows is not None
+            else "the batch and the recent batches share one prompt, and there are no fallback rows"
+        )
+        raise ValueError(
+            f"Cannot build a KL row: no example with a different prompt is available ({where}). "
+            "KTO estimates its reference point from (prompt, completion) pairs with mismatched prompts, so the data "
+            "needs at least two distinct prompts; when using the collator on its own, pass `fallback_dataset=` (or a "
+            "batch with two prompts)."
+        )
+
+    def _row(self, rows, index: int):
+        row = rows[index]
+        return row if isinstance(rows, _Rows) else self._row_pair(row)
+
+    def state_dict(self) -> dict:
+        return {"rng_state": self.rng.getstate(), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng_state"]  # JSON turns random.Random's state tuples into lists
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.history = deque(
+            ((_as_key(key), completion) for key, completion in state["history"]), maxlen=self.history.maxlen
+        )
+
+
+class _Rows(list):
+    """(prompt key, completion) pairs already converted from a stream's first rows."""
+
+
+def _as_key(key):
+    return tuple(key) if isinstance(key, list) else key

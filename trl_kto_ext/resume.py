@@ -8,6 +8,10 @@ import os
 from collections import deque
 
 from .collator import KTOExtCollator
+from .vision import KTOExtVisionCollator
+
+# Collators that draw the KL pairing themselves and carry a state to save.
+_PAIRING_COLLATORS = (KTOExtCollator, KTOExtVisionCollator)
 
 PAIRING_STATE_FILE = "kl_pairing_state.json"
 
@@ -21,7 +25,7 @@ class _PairingRecorder:
     that were not trained on. The state saved is the one noted before the first of those.
     """
 
-    collator: KTOExtCollator
+    collator: KTOExtCollator | KTOExtVisionCollator
     pending: deque
 
     def __call__(self, features):
@@ -29,15 +33,18 @@ class _PairingRecorder:
         return self.collator(features)
 
 
-def collator_for_dataloader(trainer, is_training: bool):
+def collator_for_dataloader(trainer, is_training: bool, dataset=None):
     """The collate function of a new dataloader: training batches are recorded (see `_PairingRecorder`); evaluation
-    gets a fresh copy of the collator, so evaluating neither moves the training pairing nor depends on when it runs.
+    gets a fresh copy of the collator that falls back on `dataset` itself (the evaluation set) for the KL rows a
+    batch cannot pair, so evaluating neither moves the training pairing nor depends on when it runs.
     """
     collator = trainer.data_collator
-    if not isinstance(collator, KTOExtCollator):
+    if not isinstance(collator, _PAIRING_COLLATORS):
         return collator
     if not is_training:
-        return dataclasses.replace(collator)
+        return dataclasses.replace(
+            collator, fallback_dataset=dataset if dataset is not None else collator.fallback_dataset
+        )
     trainer._pairing_pending = deque()
     return _PairingRecorder(collator, trainer._pairing_pending)
 
@@ -49,7 +56,7 @@ def _state_path(trainer, directory: str) -> str:
 
 def save_pairing_state(trainer, output_dir: str) -> None:
     collator = trainer.data_collator
-    if not isinstance(collator, KTOExtCollator):
+    if not isinstance(collator, _PAIRING_COLLATORS):
         return
     pending = getattr(trainer, "_pairing_pending", None)
     state = dict(pending[0] if pending else collator.state_dict())
@@ -61,7 +68,7 @@ def save_pairing_state(trainer, output_dir: str) -> None:
 
 def load_pairing_state(trainer, checkpoint: str | None) -> None:
     """Restores the pairing saved in `checkpoint`; called before the resumed run collates its first batch."""
-    if not checkpoint or not isinstance(trainer.data_collator, KTOExtCollator):
+    if not checkpoint or not isinstance(trainer.data_collator, _PAIRING_COLLATORS):
         return
     path = _state_path(trainer, checkpoint)
     if not os.path.isfile(path):

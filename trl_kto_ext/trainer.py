@@ -10,22 +10,22 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset
 from transformers import Trainer, TrainerCallback
 from trl import KTOConfig, KTOTrainer
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import add_fused_lm_head, use_adapter
 
-from . import guards, ref_cache, reference, resume, validation
+from . import guards, ref_cache, reference, resume, sampling, validation
 from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
 from .fast_path import fast_path
 from .loss import apo_zero_unpaired_loss, kto_loss
-from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
+from .loss_aversion import LossAversion, loss_aversion_for
 from .pairing import add_dataset_kl_pairing
 from .peft_utils import asks_for_kbit, check_kbit_backend
 from .reference import HostReference
 from .unpairing import as_unpaired
+from .vision import vision_collator, with_decoded_labels
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
@@ -33,6 +33,8 @@ _NON_MODEL_KEYS = {
     "KL_input_ids",
     "KL_attention_mask",
     "KL_completion_mask",
+    "KL_token_type_ids",
+    "KL_mm_token_type_ids",
     "label",
     "ref_logps",
     "ref_KL_logps",
@@ -95,14 +97,23 @@ class KTOExtTrainer(KTOTrainer):
         validation.check_sharding(args, self.is_fsdp_enabled)  # FSDP asked for but not set up: stop, not plain DDP
         self.loss_type = args.loss_type
         self.calculate_KL = self._uses_kl
-        if user_collator is None and not self._is_vision_dataset:
+        if user_collator is None and self._is_vision_dataset:
+            # TRL built its vision collator under the set-up loss type (no KL rows), and does not prepare vision
+            # datasets (rows are tokenized when collated): the loss aversion is counted here.
+            self.train_dataset = with_decoded_labels(self.train_dataset)  # a ClassLabel by its names, as for text
+            self.eval_dataset = with_decoded_labels(self.eval_dataset)
+            self._set_loss_aversion(self.train_dataset, args)
+            self.data_collator = vision_collator(
+                self.processing_class, args, self.calculate_KL, _pairing_seed(args), self.train_dataset
+            )
+        elif user_collator is None:
             self.data_collator = KTOExtCollator(
                 pad_token_id=self._tokenizer.pad_token_id,
                 max_length=args.max_length,
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 seed=_pairing_seed(args),
                 build_kl=self.calculate_KL,
-                fallback_dataset=self.train_dataset if isinstance(self.train_dataset, Dataset) else None,
+                fallback_dataset=self.train_dataset,  # a stream: its first rows, read by their own iterator
                 use_dataset_pairing=args.kl_pairing == "dataset",
             )
         if self.ref_model is None and self._kl_reference_needed_per_step() and not is_peft_model(self.model):
@@ -143,6 +154,12 @@ class KTOExtTrainer(KTOTrainer):
             dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
         return dataset
 
+    def _get_train_sampler(self, train_dataset=None):
+        # transformers infers lengths for group_by_length / batch_rebalance from `input_ids` (absent from KTO rows)
+        # or a length column, which its column pruning has removed by now: give it the lengths.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return super()._get_train_sampler(sampling.with_lengths(dataset, self.args, source=self.train_dataset))
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
         reference.check_reference_available(self, f"the reference log-probs of the {name!r} dataset")
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
@@ -158,19 +175,7 @@ class KTOExtTrainer(KTOTrainer):
         return self._uses_kl and self.precompute_ref_logps and self.args.kl_pairing == "batch"
 
     def _set_loss_aversion(self, dataset, args) -> None:
-        counts = count_raw_labels(dataset)
-        if counts is None:  # an IterableDataset cannot be counted without consuming it
-            mode = "manual"
-            counts = (1, 1)
-        else:
-            mode = getattr(args, "loss_aversion", "manual")
-        self.loss_aversion = resolve_loss_aversion(
-            *counts,
-            mode=mode,
-            target=getattr(args, "loss_aversion_target", 1.0),
-            desirable_weight=args.desirable_weight,
-            undesirable_weight=args.undesirable_weight,
-        )
+        self.loss_aversion = loss_aversion_for(dataset, args)  # a stream: counted from a bounded look-ahead
         self.desirable_weight = self.loss_aversion.desirable_weight
         self.undesirable_weight = self.loss_aversion.undesirable_weight
 
@@ -403,9 +408,9 @@ class KTOExtTrainer(KTOTrainer):
             return super().predict(test_dataset, ignore_keys, metric_key_prefix)
 
     # ---------------------------------------------------------------------------------------- resume the pairing
-    def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
-        with _attribute(self, "data_collator", resume.collator_for_dataloader(self, is_training)):
-            return super()._get_dataloader(*args, is_training=is_training, **kwargs)
+    def _get_dataloader(self, dataset, *args, is_training: bool = False, **kwargs):
+        with _attribute(self, "data_collator", resume.collator_for_dataloader(self, is_training, dataset)):
+            return super()._get_dataloader(dataset, *args, is_training=is_training, **kwargs)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
