@@ -56,7 +56,9 @@ def install_completion_head(model: torch.nn.Module) -> bool:
     DDP wrapper): the backbone runs as usual and only the labelled positions go through the LM head, computing only
     the named fields among `"log_probs"`, `"entropy"`, `"mean_logits"`. Calls without it run TRL's forward unchanged.
     Returns False (and changes nothing) where `model` has no TRL fused head whose settings can be read."""
-    if getattr(model, _HEAD_FLAG, False):
+    # The mark lives on the installed forward itself: a copy whose instance forwards were dropped (`frozen_copy`,
+    # `host_copy`) must get a head again, not be taken for one that has it.
+    if getattr(model.__dict__.get("forward"), _HEAD_FLAG, False):
         return True
     settings = trl_head_settings(model)
     if settings is None or settings.backbone_attr is None:
@@ -69,8 +71,8 @@ def install_completion_head(model: torch.nn.Module) -> bool:
             return trl_forward(*args, **kwargs)
         return _completion_forward(self, settings, tuple(completion_only), *args, **kwargs)
 
+    setattr(forward, _HEAD_FLAG, True)
     model.forward = types.MethodType(forward, model)
-    setattr(model, _HEAD_FLAG, True)
     return True
 
 
