@@ -39,7 +39,7 @@ from trl_kto_ext.reproduction import build_preference_data, fresh_copy, sample_c
 
 METHODS = ("online_kto", "offline_kto", "grpo")
 LABELS = {"online_kto": "online KTO", "offline_kto": "offline KTO", "grpo": "GRPO (TRL)"}
-FULL = dict(steps=200, batch=32, generations=8, val_prompts=100, lr_grid=[3e-5, 1e-4, 3e-4, 1e-3], seeds=[0, 1, 2],
+FULL = dict(steps=200, batch=32, generations=8, val_prompts=100, lr_grid=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3], seeds=[0, 1, 2],
             eval_every=20, beta=0.1)  # fmt: skip
 QUICK = dict(steps=4, batch=16, generations=4, val_prompts=16, lr_grid=[1e-4], seeds=[0], eval_every=2, beta=0.1)
 
