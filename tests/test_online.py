@@ -313,3 +313,31 @@ def test_one_step_loss_matches_float64_recomputation(tiny_default, tmp_path):
     expected = sum(losses) / len(losses)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert trainer.desirable_weight == pytest.approx(lam_d)
+
+
+def test_reward_model_scores_and_relative_labels(tiny_default, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = tiny_default.load_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    reward_model = LlamaForSequenceClassification(config).eval()
+    trainer = OnlineKTOTrainer(
+        model=tiny_default.load_model(), reward_funcs=reward_model, args=online_args(tmp_path, label_mode="relative"),
+        train_dataset=make_prompt_dataset(PROMPTS), processing_class=tokenizer, reward_processing_classes=tokenizer,
+    )  # fmt: skip
+    examples = trainer.sample(prompt_rows())
+    with torch.no_grad():  # one text at a time, no padding: an independent score
+        expected = [
+            reward_model(**tokenizer(ex["prompt"] + ex["completion"], return_tensors="pt", add_special_tokens=False))
+            .logits[0, 0]
+            .item()
+            for ex in examples
+        ]
+    assert [ex["reward"] for ex in examples] == pytest.approx(expected, abs=1e-5)
+    for start in range(0, 12, 3):
+        group = expected[start : start + 3]
+        mean = sum(group) / 3
+        want = [None] * 3 if max(group) == min(group) else [r > mean for r in group]
+        assert [ex["label"] for ex in examples[start : start + 3]] == want

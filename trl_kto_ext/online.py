@@ -265,6 +265,9 @@ class OnlineKTOTrainer(KTOExtTrainer):
         m["count/left_out"].append(len(examples) - len(labels))
         if mode != "train":
             return
+        if self.accelerator.num_processes > 1:  # every process weighs its rows with the same, global, counts
+            summed = self.accelerator.reduce(torch.tensor([n_d, n_u], device=self.accelerator.device), reduction="sum")
+            n_d, n_u = summed.tolist()
         resolved = self.lambda_window.update(n_d, n_u)
         self.desirable_weight, self.undesirable_weight = resolved.desirable_weight, resolved.undesirable_weight
         m["lambda_D"].append(resolved.desirable_weight)
