@@ -341,3 +341,28 @@ def test_reward_model_scores_and_relative_labels(tiny_default, tmp_path):
         mean = sum(group) / 3
         want = [None] * 3 if max(group) == min(group) else [r > mean for r in group]
         assert [ex["label"] for ex in examples[start : start + 3]] == want
+
+
+def test_conversational_prompts(tiny_default, tmp_path):
+    trainer = make_trainer(tiny_default, tmp_path, dataset=make_prompt_dataset(PROMPTS, conversational=True))
+    rows = [{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS[:4]]
+    examples = trainer.sample(rows)
+    tokenizer = tiny_default.load_tokenizer()
+    for ex in examples:
+        ids = tokenizer.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert ex["prompt_ids"] == ids["input_ids"]
+        assert ex["completion"][0]["role"] == "assistant"
+        text = ex["completion"][0]["content"]
+        assert ex["reward"] == float(text.strip() == str(sum(map(int, ex["prompt"][0]["content"][:-1].split("+")))))
+
+
+def test_evaluation_samples_the_eval_prompts(tiny_default, tmp_path):
+    trainer = OnlineKTOTrainer(
+        model=tiny_default.load_model(), reward_funcs=exact_answer_reward,
+        args=online_args(tmp_path, per_device_eval_batch_size=6), train_dataset=make_prompt_dataset(PROMPTS),
+        eval_dataset=make_prompt_dataset(PROMPTS[:4]), processing_class=tiny_default.load_tokenizer(),
+    )  # fmt: skip
+    metrics = trainer.evaluate()
+    assert metrics["eval_count/desirable"] + metrics["eval_count/undesirable"] == 4 * 3  # 4 prompts x 3 samples
+    assert metrics["eval_online/desirable_share"] == pytest.approx(metrics["eval_count/desirable"] / 12)
+    assert math.isfinite(metrics["eval_loss"])
