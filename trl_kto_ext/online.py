@@ -123,12 +123,15 @@ class OnlineKTOTrainer(KTOExtTrainer):
         given = list(given) if isinstance(given, list | tuple) else [given] * len(self.reward_funcs)
         if len(given) != len(self.reward_funcs):
             raise ValueError(f"{len(given)} reward_processing_classes for {len(self.reward_funcs)} reward functions.")
-        return [
-            (tok or AutoTokenizer.from_pretrained(func.config._name_or_path))
-            if isinstance(func, torch.nn.Module)
-            else None
-            for func, tok in zip(self.reward_funcs, given)
-        ]
+        tokenizers = []
+        for func, tok in zip(self.reward_funcs, given):
+            if isinstance(func, torch.nn.Module):
+                tok = tok or AutoTokenizer.from_pretrained(func.config._name_or_path)
+                if tok.pad_token_id is None:  # as GRPOTrainer: the batch of texts is padded (right) with EOS
+                    tok.pad_token = tok.eos_token
+                func.config.pad_token_id = tok.pad_token_id  # the classifier reads the last non-pad token
+            tokenizers.append(tok if isinstance(func, torch.nn.Module) else None)
+        return tokenizers
 
     # ----------------------------------------------------------------------------------------------- data set-up
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
