@@ -366,3 +366,22 @@ def test_evaluation_samples_the_eval_prompts(tiny_default, tmp_path):
     assert metrics["eval_count/desirable"] + metrics["eval_count/undesirable"] == 4 * 3  # 4 prompts x 3 samples
     assert metrics["eval_online/desirable_share"] == pytest.approx(metrics["eval_count/desirable"] / 12)
     assert math.isfinite(metrics["eval_loss"])
+
+
+def test_resume_continues_the_same_samples_and_lambda_window(tiny_default, tmp_path):
+    full = make_trainer(tiny_default, tmp_path / "full", max_steps=4, save_strategy="steps", save_steps=2)
+    full.train()
+    resumed = make_trainer(tiny_default, tmp_path / "resumed", max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+
+    def steps_3_4(trainer):
+        keys = ("loss", "online/reward", "lambda_D", "window/n_desirable", "window/n_undesirable")
+        return [
+            [e["step"], *(e[k] for k in keys)]
+            for e in trainer.state.log_history
+            if e.get("step", 0) > 2 and "loss" in e
+        ]
+
+    assert len(steps_3_4(full)) == 2
+    assert steps_3_4(resumed) == steps_3_4(full)  # lambda of step 3 depends on the window restored from the checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
