@@ -87,6 +87,11 @@ class OnlineKTOTrainer(KTOExtTrainer):
             args = OnlineKTOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-OnlineKTO")
         if not isinstance(args, OnlineKTOConfig):
             raise TypeError(f"`args` must be an OnlineKTOConfig, got {type(args).__name__}.")
+        if kwargs.get("data_collator") is not None:
+            raise ValueError(
+                "OnlineKTOTrainer collates the rows it samples with KTOExtCollator (the KL pairing across prompts); "
+                "a custom `data_collator` is not supported. Leave it unset."
+            )
         check_prompt_dataset(train_dataset, "train")
         check_prompt_dataset(eval_dataset, "eval")
         self.reward_funcs = load_reward_funcs(reward_funcs, args.model_init_kwargs)
