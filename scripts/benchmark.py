@@ -62,7 +62,8 @@ from benchmark_setup import arms_for, experimental_arms, settings_from_args
 def _child_command(args, arm_name: str, json_out: str) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--arm", arm_name, "--json-out", json_out]
     cmd += ["--batch-size", str(args.batch_size), "--kl-subset-size", str(args.kl_subset_size)]
-    cmd += ["--seed", str(args.seed), "--threads", str(args.threads)]
+    cmd += ["--seed", str(args.seed), "--threads", str(args.threads), "--shape", args.shape]
+    cmd += ["--model", args.model]
     if args.quick:
         cmd.append("--quick")
     if args.bf16:
@@ -145,6 +146,7 @@ def orchestrate(args) -> int:
                 with open(json_out) as f:
                     result = json.load(f)
                 result["_warmup_steps"] = settings["warmup_steps"]
+                result["_aggregate"] = settings.get("aggregate", "median")
                 runs.setdefault(arm.name, []).append(result)
                 if args.out:  # keep what has finished, should a later arm or the machine fail
                     with open(args.out, "w") as f:
@@ -171,7 +173,10 @@ def orchestrate(args) -> int:
         f"\ntotal {meta['total_s']:.0f} s; load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}"
     )
     if args.out:
-        raw = {name: [{k: v for k, v in r.items() if k != "_warmup_steps"} for r in rs] for name, rs in runs.items()}
+        raw = {
+            name: [{k: v for k, v in r.items() if k not in ("_warmup_steps", "_aggregate")} for r in rs]
+            for name, rs in runs.items()
+        }
         payload = dict(
             settings=settings,
             meta=meta,
@@ -202,6 +207,19 @@ def parse_args(argv=None):
         action="store_true",
         help="also run <arm>_compact copies of sft, trl_default and the ext arms, whose fused LM head scores only the "
         "completion positions on CPU (evidence for a suggested trainer change)",
+    )
+    parser.add_argument(
+        "--shape",
+        choices=["short", "chat"],
+        default="short",
+        help="data lengths: 'short' (uniform, the preset's ranges) or 'chat' (long-tailed: prompts 8-400 tokens, "
+        "median ~80; completions 5-200, median ~50; one whole epoch, mean s/step)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=["llama", "qwen2-0.5b"],
+        default="llama",
+        help="'llama': the preset's small Llama; 'qwen2-0.5b': Qwen2-0.5B's shape, random weights (for a GPU)",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--kl-subset-size", type=int, default=2, help="KL rows per batch in the ext_fastest arm")

@@ -208,6 +208,8 @@ def run_arm(arm: Arm, settings: dict) -> dict:
             extra["kl_pairing"] = arm.kl_pairing
         if arm.kl_subset:
             extra["kl_subset_size"] = settings["kl_subset_size"]
+        # a fresh reference cache: the measured precompute is a miss, as on a first run
+        extra["ref_cache_dir"] = tempfile.mkdtemp(prefix=f"kto-bench-refcache-{arm.name}-")
         config = KTOExtConfig(**common, beta=0.1, precompute_ref_log_probs=arm.precompute, **extra)
         trainer = KTOExtTrainer(
             model=model,
@@ -230,6 +232,7 @@ def run_arm(arm: Arm, settings: dict) -> dict:
     cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
     warm = settings["warmup_steps"]
+    aggregate = statistics.mean if settings.get("aggregate") == "mean" else statistics.median
     step_s = [e - b for b, e in zip(timer.begin, timer.end)]
     cpu_step_s = [e - b for b, e in zip(timer.begin_cpu, timer.end_cpu)]
     wall_s = [timer.end[i] - timer.end[i - 1] for i in range(max(warm, 1), len(timer.end))]
@@ -246,11 +249,11 @@ def run_arm(arm: Arm, settings: dict) -> dict:
         n_rows=len(trainer.train_dataset),
         steps_run=len(step_s),
         step_s=step_s,
-        median_step_s=statistics.median(measured) if measured else float("nan"),
+        median_step_s=aggregate(measured) if measured else float("nan"),
         cpu_step_s=cpu_step_s,
-        median_cpu_step_s=statistics.median(cpu_step_s[warm:]) if measured else float("nan"),
+        median_cpu_step_s=aggregate(cpu_step_s[warm:]) if measured else float("nan"),
         wall_step_s=wall_s,
-        median_wall_step_s=statistics.median(wall_s) if wall_s else float("nan"),
+        median_wall_step_s=aggregate(wall_s) if wall_s else float("nan"),
         construct_s=construct_s,
         precompute_s=sum(t[0] for t in precompute_times) if arm.precompute else 0.0,
         precompute_cpu_s=sum(t[1] for t in precompute_times) if arm.precompute else 0.0,

@@ -22,16 +22,18 @@ def summarise(runs: dict[str, list[dict]], arms: list) -> list[dict]:
         if not results:
             continue
         warm = results[0]["_warmup_steps"]
+        aggregate = statistics.mean if results[0].get("_aggregate") == "mean" else statistics.median
         pooled = [t for r in results for t in r["step_s"][warm:]]
         pooled_wall = [t for r in results for t in r["wall_step_s"]]
         pooled_cpu = [t for r in results for t in r["cpu_step_s"][warm:]]
         row = dict(results[0])
         row.pop("_warmup_steps", None)
+        row.pop("_aggregate", None)
         row.update(
             repeats=len(results),
-            median_step_s=statistics.median(pooled) if pooled else float("nan"),
-            median_wall_step_s=statistics.median(pooled_wall) if pooled_wall else float("nan"),
-            median_cpu_step_s=statistics.median(pooled_cpu) if pooled_cpu else float("nan"),
+            median_step_s=aggregate(pooled) if pooled else float("nan"),
+            median_wall_step_s=aggregate(pooled_wall) if pooled_wall else float("nan"),
+            median_cpu_step_s=aggregate(pooled_cpu) if pooled_cpu else float("nan"),
             run_medians_s=[r["median_step_s"] for r in results],
             precompute_s=statistics.median(r["precompute_s"] for r in results),
             precompute_cpu_s=statistics.median(r["precompute_cpu_s"] for r in results),
@@ -126,6 +128,7 @@ def format_table(rows: list[dict], settings: dict, meta: dict) -> str:
         f"{settings['vocab_size']} | batch {settings['batch_size']} | prompt {settings['prompt_len'][0]}-"
         f"{settings['prompt_len'][1]} + completion {settings['completion_len'][0]}-{settings['completion_len'][1]} "
         f"tokens | steps: {settings['warmup_steps']} warm-up + {settings['steps']} measured"
+        f" | s/step: {'mean over one epoch (column headed median)' if settings.get('aggregate') == 'mean' else 'median'}"
         f"{' x ' + str(first['repeats']) + ' repeats' if first['repeats'] > 1 else ''} | load avg at start "
         f"{meta['loadavg_start']}"
     )

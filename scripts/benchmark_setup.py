@@ -120,8 +120,35 @@ PRESETS = {
 }
 
 
+# Long-tailed, chat-like lengths: log-normal around the median, clipped to the range; one whole epoch, every step
+# measured and averaged (a batch costs what its longest row costs, so medians of a few steps swing both ways).
+CHAT_SHAPES = {
+    "full": dict(prompt_len=(8, 400), prompt_median=80, completion_len=(5, 200), completion_median=50, max_length=640),
+    "quick": dict(prompt_len=(4, 60), prompt_median=12, completion_len=(2, 30), completion_median=8, max_length=96),
+}
+CHAT_SIGMA = 0.8
+
+
+# Qwen2-0.5B's shape with random weights (for scripts/gpu_check.sh): 494M parameters, tied embeddings.
+QWEN2_05B = dict(
+    arch="qwen2",
+    vocab_size=151936,
+    hidden_size=896,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    intermediate_size=4864,
+)
+
+
 def settings_from_args(args) -> dict:
     preset = dict(PRESETS["quick" if args.quick else "full"])
+    if getattr(args, "model", "llama") == "qwen2-0.5b":
+        preset.update(QWEN2_05B)
+    if getattr(args, "shape", "short") == "chat":
+        preset.update(CHAT_SHAPES["quick" if args.quick else "full"], length_dist="lognormal", aggregate="mean")
+        preset["warmup_steps"] = 0
+        preset["steps"] = 3 if args.quick else 12
     if args.steps is not None:
         preset["steps"] = args.steps
     if args.warmup_steps is not None:
@@ -181,7 +208,11 @@ def build_rows(settings: dict) -> dict[str, list]:
 
     examples = []
     for _ in range(n // 2):
-        prompt_len, completion_len = rng.randint(*settings["prompt_len"]), rng.randint(*settings["completion_len"])
+        if settings.get("length_dist") == "lognormal":
+            prompt_len = _lognormal(rng, settings["prompt_median"], settings["prompt_len"])
+            completion_len = _lognormal(rng, settings["completion_median"], settings["completion_len"])
+        else:
+            prompt_len, completion_len = rng.randint(*settings["prompt_len"]), rng.randint(*settings["completion_len"])
         for label in (True, False):
             examples.append((words(prompt_len), " " + words(completion_len), label))
     rng.shuffle(examples)
@@ -192,10 +223,30 @@ def build_rows(settings: dict) -> dict[str, list]:
     }
 
 
+def _lognormal(rng, median: int, bounds: tuple[int, int]) -> int:
+    return int(min(bounds[1], max(bounds[0], round(rng.lognormvariate(math.log(median), CHAT_SIGMA)))))
+
+
 def build_model(settings: dict, tokenizer):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    if settings.get("arch") == "qwen2":
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=settings["hidden_size"],
+            num_hidden_layers=settings["num_layers"],
+            num_attention_heads=settings["num_heads"],
+            num_key_value_heads=settings["num_kv_heads"],
+            intermediate_size=settings["intermediate_size"],
+            max_position_embeddings=max(2048, settings["max_length"]),
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(settings["seed"])
+        return Qwen2ForCausalLM(config)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=settings["hidden_size"],

@@ -95,3 +95,25 @@ def test_theoretical_passes(quick_run):
     assert fwd["sft"] == 3.0 and fwd["trl_default"] == fwd["ext_default"] == 6.0
     assert fwd["trl_precompute"] == fwd["ext_cached"] == 4.0
     assert 3.0 < fwd["ext_fastest"] < 4.0
+
+
+def test_chat_shape_is_long_tailed_with_the_stated_medians():
+    """The chat-like shape: prompts 8-400 tokens with median ~80, completions 5-200 with median ~50, one epoch."""
+    import argparse
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_setup import build_rows, settings_from_args
+
+    args = argparse.Namespace(
+        quick=False, shape="chat", model="llama", steps=None, warmup_steps=None, batch_size=8, kl_subset_size=2,
+        bf16=False, gradient_checkpointing=False, seed=0, threads=1,
+    )  # fmt: skip
+    settings = dict(settings_from_args(args), n_rows=2000)
+    rows = build_rows(settings)
+    prompts = [len(p.split()) for p in rows["prompt"]]
+    completions = [len(c.split()) for c in rows["completion"]]
+    assert min(prompts) >= 8 and max(prompts) <= 400 and 70 <= statistics.median(prompts) <= 90
+    assert min(completions) >= 5 and max(completions) <= 200 and 43 <= statistics.median(completions) <= 57
+    assert max(prompts) > 4 * statistics.median(prompts)  # a long tail
+    assert settings["aggregate"] == "mean" and settings["warmup_steps"] == 0

@@ -77,3 +77,49 @@ def test_malformed_state_file(tmp_path):
     (tmp_path / "trainer_state.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         plot_training(tmp_path)
+
+
+def _axes_by_title(fig):
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+
+
+def test_short_run_figure_is_readable(tmp_path):
+    """A 5-step run logs once, in the final summary: whole-step ticks, a loss panel, both lambda curves visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from trl_kto_ext.plotting import make_figure
+
+    summary = {"step": 5, "train_loss": 0.4993, "rewards/chosen": 0.003, "rewards/rejected": -0.001}
+    summary.update({"rewards/margins": 0.004, "kl": 0.0028, "kl_raw": -0.0038, "lambda_D": 1.0, "lambda_U": 1.0})
+    fig = make_figure([summary])
+    axes = _axes_by_title(fig)
+    assert set(axes) == {"Rewards", "Reward margin", "Reference point z0", "Loss aversion", "Loss"}
+    for ax in axes.values():
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] > 5
+    (loss_line,) = axes["Loss"].get_lines()
+    assert list(loss_line.get_ydata()) == [0.4993] and loss_line.get_marker() == "o"
+    assert "train_loss" in loss_line.get_label()
+    lam_d, lam_u = axes["Loss aversion"].get_lines()
+    assert (lam_d.get_label(), lam_u.get_label()) == ("lambda_D", "lambda_U")
+    assert list(lam_d.get_ydata()) == list(lam_u.get_ydata()) == [1.0]  # equal values, yet told apart:
+    assert lam_d.get_marker() != lam_u.get_marker() and lam_d.get_linestyle() != lam_u.get_linestyle()
+    assert lam_d.get_markersize() > lam_u.get_markersize() and lam_d.get_markerfacecolor() == "none"
+    assert "mean over a logging window" in fig._suptitle.get_text()
+
+
+def test_long_run_has_no_markers_and_eval_is_dashed():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from trl_kto_ext.plotting import make_figure
+
+    history = [{"step": s, "loss": 1.0 / s, "kl": 0.0, "kl_raw": -0.01} for s in range(1, 151)]
+    history += [{"step": s, "eval_loss": 0.5} for s in (50, 100, 150)]
+    axes = _axes_by_title(make_figure(history))
+    train, evaluation = axes["Loss"].get_lines()
+    assert train.get_marker() in (None, "None", "") and len(train.get_xdata()) == 150
+    assert evaluation.get_linestyle() == "--" and evaluation.get_label() == "eval loss"
+    assert "Loss aversion" not in axes  # not logged: no empty panel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import argparse
 import contextlib
 import difflib
@@ -15,23 +16,31 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
-from unittest import mock
 
 import yaml
-from trl import ModelConfig, ScriptArguments, TrlParser
 
-from .config import KTOExtConfig
-from .peft_utils import check_kbit_backend
+from .cli_help import GroupedHelpMixin, HelpAllAction, HelpFormatter, group_options
+from .peft_utils import check_kbit_backend, without_bitsandbytes
+
+with without_bitsandbytes():  # peft (through TrainingArguments) would import it; train() does when 4/8-bit is set
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    from .config import KTOExtConfig
 
 COLUMNS = ("prompt", "completion", "label", "chosen", "rejected")
 TINY_MODEL = "tiny"
 TINY_DATASET = "tiny-arithmetic"
 PROG = "trl-kto-ext"
 BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what TRL's string_to_bool accepts
-DESCRIPTION = f"""Train with KTO (KTOExtTrainer). Every option can also be set in a YAML file, --config FILE (keys are
-the option names); flags override the file. Offline default: --model_name_or_path {TINY_MODEL} --dataset_name
-{TINY_DATASET} (configs/tiny-cpu.yaml). `{PROG} plot OUTPUT_DIR [--out FILE.png]` draws the curves of a run;
-`--print-config` prints the resolved configuration as YAML and exits without training."""
+DESCRIPTION = f"""Train a model with KTO (KTOExtTrainer) from a YAML config and/or flags.
+
+commands:
+  {PROG} --config FILE [--OPTION VALUE ...]   train; every option below can be a key of the YAML file, flags override
+  {PROG} plot OUTPUT_DIR [--out FILE.png]     draw the training curves of a run (training_curves.png)
+
+offline example: {PROG} --config configs/tiny-cpu.yaml --max_steps 20
+  (model_name_or_path: {TINY_MODEL} and dataset_name: {TINY_DATASET} are the embedded tiny model and data)"""
+USAGE = f"{PROG} [--config FILE] [--print-config] [--OPTION VALUE ...]\n       {PROG} plot OUTPUT_DIR [--out FILE.png]"
 
 
 @dataclass
@@ -50,21 +59,56 @@ class KTOScriptArguments(ScriptArguments):
     tiny_eval_rows: int = field(default=256, metadata={"help": f"Eval rows of {TINY_DATASET} (held-out prompts)."})
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the line breaks of DESCRIPTION and shows every default, as TRL's parser does."""
+# --help shows these groups, in this order; every other option is listed by --help-all only.
+HELP_GROUPS = {
+    "KTO": (
+        "beta loss_aversion loss_aversion_target desirable_weight undesirable_weight kl_pairing kl_pairing_seed "
+        "kl_subset_size loss_type max_length precompute_ref_log_probs on_nonfinite_loss train_sampling_strategy"
+    ),
+    "data": " ".join(f.name for f in fields(KTOScriptArguments) if f.name != "ignore_bias_buffers"),
+    "model/LoRA": " ".join(f.name for f in fields(ModelConfig)),
+    "common training options": (
+        "output_dir max_steps num_train_epochs learning_rate lr_scheduler_type warmup_steps "
+        "per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps optim weight_decay "
+        "max_grad_norm use_cpu bf16 fp16 activation_checkpointing seed logging_steps eval_strategy eval_steps "
+        "save_strategy save_steps report_to resume_from_checkpoint model_init_kwargs"
+    ),
+}
+OTHER_GROUP = "all other options (transformers TrainingArguments, TRL KTOConfig)"
+# TRL/transformers help texts that say something untrue for this command.
+HELP_TEXTS = {
+    "dataset_name": f"A Hub dataset id, a local folder (save_to_disk or data files), a .jsonl/.json/.csv/.parquet file, "
+    f"or {TINY_DATASET} (the embedded offline addition data).",
+    "dataset_config": "Dataset configuration name (the `name` argument of `datasets.load_dataset`).",
+    "dataset_streaming": "Stream the dataset (not supported: loss_aversion='auto' needs the class counts).",
+    "model_name_or_path": f"A Hub model id, a local folder, or {TINY_MODEL} (the embedded 0.5M-parameter model, built "
+    "and cached on first use).",
+}
 
 
-class _Parser(TrlParser):
+class _Parser(GroupedHelpMixin, TrlParser):
     def error(self, message):  # argparse would print the whole (very long) usage first
         raise SystemExit(f"{PROG}: error: {message}\nRun `{PROG} --help` to list the options.")
 
 
 def make_parser(prog: str | None = PROG) -> TrlParser:
+    """TrlParser over (KTOScriptArguments, KTOExtConfig, ModelConfig) whose --help lists the KTO options first."""
     parser = _Parser(
-        (KTOScriptArguments, KTOExtConfig, ModelConfig), prog=prog, description=DESCRIPTION, allow_abbrev=False
+        (KTOScriptArguments, KTOExtConfig, ModelConfig),
+        prog=prog,
+        usage=USAGE,
+        description=DESCRIPTION,
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
-    parser.formatter_class = _HelpFormatter
-    parser.add_argument("--print-config", "--print_config", action="store_true", help="Print the config and exit.")
+    parser.add_argument("--help-all", "--help_all", action=HelpAllAction, help="Show every option and exit.")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file of `option: value` lines (any option below); flags override it."
+    )
+    parser.add_argument(
+        "--print-config", "--print_config", action="store_true", help="Print the resolved config as YAML and exit."
+    )
+    group_options(parser, HELP_GROUPS, OTHER_GROUP, HELP_TEXTS, more=f"run `{PROG} --help-all` to list them")
     return parser
 
 
@@ -91,12 +135,29 @@ def load_yaml_config(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             config = yaml.load(f, Loader=_YamlLoader)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
-        _fail(f"malformed YAML in {where}: {getattr(err, 'problem', None) or err}. Fix the syntax there.")
+        _fail(f"malformed YAML in {_yaml_error(err, path)}. Fix the syntax there.")
     if not isinstance(config, dict | None):
         _fail(f"config file {path} must hold a mapping of `option: value` lines, got a {type(config).__name__}.")
     return config or {}
+
+
+def _yaml_error(err: yaml.YAMLError, path: str) -> str:
+    """'FILE, line L, column C: problem', at the line where the faulty construct starts.
+
+    PyYAML marks where it noticed the problem (for `max_steps 5` on line 3, the start of line 4); its context mark,
+    when earlier, is where the faulty key, bracket or quote begins: that is the line to report.
+    """
+    problem, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+    if problem is None:
+        return f"{path}: {err}"
+    text = getattr(err, "problem", None) or str(err)
+    if text == "could not find expected ':'":
+        text += " (write `key: value`, with a colon and a space)"
+    mark = problem
+    if context is not None and (context.line, context.column) < (problem.line, problem.column):
+        mark = context
+        text += f"; {err.context} here, the parser stopped at line {problem.line + 1}, column {problem.column + 1}"
+    return f"{path}, line {mark.line + 1}, column {mark.column + 1}: {text}"
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -143,7 +204,8 @@ def _matches(value: Any, tp: Any) -> bool:
 
 def check_config(config: dict[str, Any], parser: TrlParser, path: str) -> None:
     """Unknown keys (with the closest valid one), wrong types and invalid choices, each named in plain words."""
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "print_config")}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "print_config", "config", "help_all")}
+    actions.pop(argparse.SUPPRESS, None)
     hints = {name: tp for dc in parser.dataclass_types for name, tp in typing.get_type_hints(dc).items()}
     for key, value in config.items():
         if key not in actions:
@@ -183,13 +245,26 @@ def parse_args(argv: list[str], parser: TrlParser | None = None) -> tuple[Any, .
     check_flags(args, parser)
     hardware_check = contextlib.nullcontext()
     if {"--print-config", "--print_config"} & set(args):  # print a GPU config (bf16: true) on any machine
-        hardware_check = mock.patch("transformers.training_args.is_torch_bf16_gpu_available", return_value=True)
+        hardware_check = _bf16_reported_available()
     try:
         with hardware_check:
             *dataclasses, extra = parser.parse_args_into_dataclasses(args=args)
     except (ValueError, TypeError) as err:  # a dataclass __post_init__ check (e.g. loss_aversion_target range)
         _fail(str(err))
     return (*dataclasses, extra.print_config)
+
+
+@contextlib.contextmanager
+def _bf16_reported_available():
+    """transformers' bf16 hardware check answers True inside the block (for --print-config only: no model runs)."""
+    import transformers.training_args as training_args_module
+
+    saved = training_args_module.is_torch_bf16_gpu_available
+    training_args_module.is_torch_bf16_gpu_available = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        training_args_module.is_torch_bf16_gpu_available = saved
 
 
 def format_config(script_args, training_args, model_args) -> str:
@@ -248,8 +323,21 @@ def load_datasets(script_args, training_args):
         if fractions != (1.0, 1.0):
             train = subsample_class(train, *fractions, seed=seed)
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        _fail(as_flags(str(err)))
     return train, eval_set, heldout
+
+
+# Keyword arguments of trl_kto_ext.data that are also options of this command, as messages name them in Python.
+_KEYWORDS = re.compile(
+    r"(?<![\w-])((?:prompt|completion|label|chosen|rejected)_column|(?:un)?desirable_fraction|eval_fraction"
+    r"|max_length)(=\s?)?"
+)
+
+
+def as_flags(message: str) -> str:
+    """A message of the Python API in command-line words: `prompt_column=<x>` becomes `--prompt_column <x>`."""
+    message = _KEYWORDS.sub(lambda m: f"--{m.group(1)}" + (" " if m.group(2) else ""), message)
+    return re.sub(r"(?<![\w-])split=\s?", "--dataset_train_split / --dataset_test_split ", message)
 
 
 def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:
@@ -265,8 +353,8 @@ def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:
     return os.path.expanduser(name) if _looks_local(name) else name
 
 
-def train(script_args, training_args, model_args) -> str:
-    """Run KTO training as configured; returns the output_dir."""
+def train(script_args, training_args, model_args, command: list[str] | None = None) -> str:
+    """Run KTO training as configured; returns the output_dir. `command` (argv) is recorded in the model card."""
     import torch
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
@@ -296,10 +384,18 @@ def train(script_args, training_args, model_args) -> str:
     tokenizer = AutoTokenizer.from_pretrained(model_path, **hub_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    trainer = KTOExtTrainer(
-        model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        peft_config=get_peft_config(model_args), quantization_config=quantization_config,
-    )  # fmt: skip
+    try:  # the trainer's input checks raise ValueError with the problem and its fix: one line, in flag words
+        trainer = KTOExtTrainer(
+            model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
+            peft_config=get_peft_config(model_args), quantization_config=quantization_config,
+        )  # fmt: skip
+    except ValueError as err:
+        _fail(as_flags(str(err)))
+    trainer.model_card_info = {  # read by trainer.create_model_card (checkpoints and the final card)
+        "dataset_name": script_args.dataset_name,
+        "command": command,
+        "config": format_config(script_args, training_args, model_args),
+    }
     main_process = trainer.is_world_process_zero()
     if heldout is not None and main_process:
         from .tiny import greedy_accuracy
@@ -309,6 +405,7 @@ def train(script_args, training_args, model_args) -> str:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # model + tokenizer
     trainer.save_state()  # trainer_state.json, read by the plot
+    card = trainer.create_model_card()  # README.md: base model, data, KTO settings, final metrics, command
     if main_process:
         if heldout is not None:
             after = greedy_accuracy(trainer.model, tokenizer, *heldout)
@@ -317,6 +414,7 @@ def train(script_args, training_args, model_args) -> str:
         out = os.path.abspath(training_args.output_dir)
         print(f"lambda_D = {trainer.desirable_weight:.4g}, lambda_U = {trainer.undesirable_weight:.4g}")
         print(f"Outputs in {out}:\n  final model + tokenizer: {out}\n  training curves: {os.path.abspath(plot)}")
+        print(f"  model card: {os.path.abspath(card)}")
         if "tensorboard" in (training_args.report_to or []):
             print(f"  tensorboard logs: {os.environ.get('TENSORBOARD_LOGGING_DIR') or os.path.join(out, 'runs')}")
     if hasattr(trainer, "end"):
@@ -326,17 +424,9 @@ def train(script_args, training_args, model_args) -> str:
 
 
 def plot_main(argv: list[str]) -> int:
-    from .plotting import plot_training
+    from .plotting import main as plotting_main
 
-    parser = argparse.ArgumentParser(prog=f"{PROG} plot", description="Plot the KTO training curves of a run.")
-    parser.add_argument("output_dir", help="Output folder of a run (or a trainer_state.json).")
-    parser.add_argument("--out", default=None, help="PNG to write (default: OUTPUT_DIR/training_curves.png).")
-    args = parser.parse_args(argv)
-    try:
-        print(plot_training(args.output_dir, args.out))
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
-    return 0
+    return plotting_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,5 +441,5 @@ def main(argv: list[str] | None = None) -> int:
     if print_config:
         print(format_config(script_args, training_args, model_args), end="")
         return 0
-    train(script_args, training_args, model_args)
+    train(script_args, training_args, model_args, command=[PROG, *argv])
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import random
 from collections import deque
 from dataclasses import dataclass, field

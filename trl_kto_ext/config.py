@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import warnings
 from dataclasses import dataclass, field
 
@@ -10,6 +11,13 @@ from trl import KTOConfig
 # Eq. (8) of the KTO paper (arXiv 2402.01306): lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3].
 LOSS_AVERSION_RANGE = (1.0, 4.0 / 3.0)
 _RANGE_TOLERANCE = 1e-6
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return torch.cuda.is_available() or bool(accelerator and accelerator.is_available())
 
 
 def _bf16_accelerator_available() -> bool:
@@ -42,9 +50,16 @@ class KTOExtConfig(KTOConfig):
             KL rows' reference log-probs can be cached with `precompute_ref_log_probs`.
         kl_subset_size (`int` or `None`, defaults to `None`):
             Number of KL rows per batch used to estimate z0 (all when None).
+        ref_cache (`bool`, defaults to `True`):
+            Persist precomputed reference log-probs on disk, keyed by the reference weights and the tokenized data.
+        ref_cache_dir (`str` or `None`, defaults to `None`):
+            Where; None: `$TRL_KTO_EXT_REF_CACHE`, else `~/.cache/trl_kto_ext/ref_logps`.
         on_nonfinite_loss (`str`, defaults to `"raise"`):
             `"raise"` stops at a NaN/inf training loss with a message naming the step; `"skip"` gives that step a zero
             gradient and counts it in the `skipped/nonfinite_steps` metric.
+        max_consecutive_nonfinite_steps (`int`, defaults to `10`):
+            With `"skip"`, this many consecutive optimizer steps with a NaN/inf loss or gradient raise
+            `NonFiniteLossError`: a run whose every step is skipped has stopped learning.
     """
 
     train_sampling_strategy: str = field(
@@ -93,6 +108,32 @@ class KTOExtConfig(KTOConfig):
             "no-gradient KL passes cheaper but the estimate noisier; logged as `kl_rows`. Off by default."
         },
     )
+    ref_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "With precompute_ref_log_probs, keep the reference log-probs on disk keyed by a hash of every "
+            "reference weight and of the tokenized data (and precision, max_length), so a later run with the same "
+            "reference and data reads them instead of running the reference. The location and hit/miss are logged."
+        },
+    )
+    ref_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of the reference log-prob cache. None: $TRL_KTO_EXT_REF_CACHE, else "
+            "~/.cache/trl_kto_ext/ref_logps."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of activation_checkpointing (transformers 5), which is on by default (TRL's "
+            "default); leave this unset."
+        },
+    )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin the dataloader's memory. Unset: on where a GPU/accelerator is used, off on CPU."},
+    )
     on_nonfinite_loss: str = field(
         default="raise",
         metadata={
@@ -103,7 +144,23 @@ class KTOExtConfig(KTOConfig):
         },
     )
 
+    max_consecutive_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "With on_nonfinite_loss='skip': this many optimizer steps in a row with a NaN/inf loss or gradient "
+            "stop the run with NonFiniteLossError (the run is no longer learning). Must be at least 1."
+        },
+    )
+
     def __post_init__(self):
+        # TRL's default gradient_checkpointing=True would make transformers warn (deprecated alias) on every config;
+        # a value the user gave under the old name still gets transformers' warning.
+        if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:
+            self.activation_checkpointing = True
+        elif self.gradient_checkpointing is None and not hasattr(self, "activation_checkpointing"):
+            self.gradient_checkpointing = True  # a transformers without the new name
+        if self.dataloader_pin_memory is None:  # torch warns when memory is pinned with no accelerator to copy to
+            self.dataloader_pin_memory = not self.use_cpu and _accelerator_available()
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on whenever it is unset, which makes a plain `KTOConfig(output_dir=...)` fail on a machine
             # without a bf16 GPU unless `use_cpu` is given. Unset here means: bf16 where the hardware has it.
@@ -140,3 +197,9 @@ class KTOExtConfig(KTOConfig):
             raise ValueError(f"`beta` must be positive, got {self.beta}.")
         if self.on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"`on_nonfinite_loss` must be 'raise' or 'skip', got {self.on_nonfinite_loss!r}.")
+        limit = self.max_consecutive_nonfinite_steps
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(
+                f"`max_consecutive_nonfinite_steps` must be a whole number of steps >= 1, got {limit!r}: it is how many "
+                "optimizer steps in a row may be skipped for a NaN/inf loss before the run stops."
+            )

@@ -6,6 +6,7 @@ import json
 import math
 import numbers
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,46 +15,15 @@ import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict, Value
 
+from .labels import decode_labels, is_decoded, label_values, normalize_label
+from .messages import has_payload
+from .unpairing import _check_dataset, _extract_prompt, _plain, is_paired, unpair_paired_dataset
+
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _FORMATS = ", ".join(_BUILDERS)
+_HUB_TIMEOUT_S = 5  # seconds to wait for a TCP connection to the Hub before giving up
 # Suffixes that mean "a file the user meant to read" even though we cannot: they must not fall through to the Hub.
 _OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".pkl", ".yaml", ".yml"}
-_TRUE = "true 1 desirable good up thumbs_up 👍 yes positive chosen".split()
-_FALSE = "false 0 undesirable bad down thumbs_down 👎 no negative rejected".split()
-_LABELS = {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}
-_ACCEPTED = "bools, 0/1 (int or float) or, case-insensitive, " + ", ".join(
-    f"{t!r}/{f!r}" for t, f in zip(_TRUE, _FALSE)
-)
-
-
-def normalize_label(value: Any, row: int) -> bool:
-    """Map a desirable/undesirable marker (bool, 0/1, 'good'/'bad', '👍'/'👎', ...) to a bool; ValueError otherwise."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, numbers.Real) and value in (0, 1):  # ints, numpy ints, 0.0/1.0; NaN and 0.5 fall through
-        return bool(value)
-    if isinstance(value, str):
-        # Normalise spelling variants ("Thumbs-Up", " 👍️ ") instead of listing them all.
-        key = value.strip().lower().replace("\ufe0f", "").replace("-", "_").replace(" ", "_")
-        if key in _LABELS:
-            return _LABELS[key]
-    raise ValueError(
-        f"Unrecognised label {value!r} at row {row}. Accepted labels: {_ACCEPTED}. "
-        "Fix the value in the data, or map it to one of these before loading."
-    )
-
-
-def _plain(dataset: Dataset) -> Dataset:
-    # A torch/numpy format would hand us tensors instead of Python values.
-    return dataset.with_format(None)
-
-
-def _check_dataset(dataset: Any) -> Dataset:
-    if isinstance(dataset, DatasetDict):
-        raise ValueError(f"Expected one split, got a DatasetDict ({sorted(dataset)}); pass e.g. dataset['train'].")
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"Expected a datasets.Dataset, got {type(dataset).__name__}; use Dataset.from_list(...).")
-    return dataset
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -62,12 +32,12 @@ def _check_fraction(name: str, value: float) -> None:
 
 
 def count_labels(dataset: Dataset) -> tuple[int, int]:
-    """Return (n_desirable, n_undesirable), checking that every `label` is a Python bool."""
+    """Return (n_desirable, n_undesirable), checking that every `label` is a bool (a `ClassLabel` is read by name)."""
     dataset = _check_dataset(dataset)
     if "label" not in dataset.column_names:
         raise ValueError(f"No 'label' column (columns: {dataset.column_names}); run prepare_unpaired() first.")
     n_true = 0
-    for row, value in enumerate(_plain(dataset)["label"]):
+    for row, value in enumerate(label_values(dataset)):
         if not isinstance(value, bool):
             raise ValueError(f"label at row {row} is {value!r}, not a bool; run prepare_unpaired() to convert labels.")
         n_true += value
@@ -77,10 +47,8 @@ def count_labels(dataset: Dataset) -> tuple[int, int]:
 def _is_blank(value: Any) -> bool:
     if isinstance(value, str):
         return not value.strip()
-    if isinstance(value, list):  # conversational: blank only if no message carries any content
-        return all(_is_blank(m.get("content") if isinstance(m, dict) else m) for m in value)
-    if isinstance(value, dict):  # multimodal content part: {"type": "text", "text": ...} or an image/audio part
-        return _is_blank(value.get("text")) if value.get("type", "text") == "text" else False
+    if isinstance(value, list):  # conversational: blank only if no message carries content, tool calls, ...
+        return not any(has_payload(m) if isinstance(m, dict) else not _is_blank(m) for m in value)
     return value is None
 
 
@@ -94,35 +62,6 @@ def _check_text_columns(dataset: Dataset, columns: list[str]) -> None:
                 raise ValueError(f"{column} at row {row} is empty ({value!r}); fill in or drop that row.")
 
 
-def unpair_paired_dataset(dataset: Dataset, seed: int = 0) -> Dataset:
-    """Turn (prompt, chosen, rejected) pairs into alternating (prompt, chosen, True), (prompt, rejected, False) rows.
-
-    Pairs are shuffled with `seed`; each pair's two rows are adjacent, chosen first, so labels strictly alternate and
-    every window of two or more consecutive rows holds both labels (sequential batches always mix). Extra columns are
-    copied to both rows.
-    """
-    dataset = _check_dataset(dataset)
-    missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"Paired data needs prompt, chosen, rejected; missing {missing} in {dataset.column_names}.")
-    if clash := [c for c in ("completion", "label") if c in dataset.column_names]:
-        raise ValueError(f"Paired data already has column(s) {clash}, which unpairing creates; drop them first.")
-    n = len(dataset)
-    chosen = dataset.remove_columns("rejected").rename_column("chosen", "completion")
-    rejected = dataset.remove_columns("chosen").rename_column("rejected", "completion")
-    chosen = chosen.add_column("label", [True] * n, feature=Value("bool"))
-    rejected = rejected.add_column("label", [False] * n, feature=Value("bool"))
-    try:  # chosen/rejected may have been inferred with different arrow types (e.g. one column all-null)
-        rejected = rejected.cast(chosen.features)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"chosen/rejected types differ ({err}); make both text or both message lists.") from None
-    # Concatenate then reorder through an index map: no per-row Python copies of the text.
-    order = np.empty(2 * n, dtype=np.int64)
-    perm = np.random.default_rng(seed).permutation(n)
-    order[0::2], order[1::2] = perm, perm + n
-    return datasets.concatenate_datasets([chosen, rejected]).select(order)
-
-
 def subsample_class(
     dataset: Dataset, desirable_fraction: float = 1.0, undesirable_fraction: float = 1.0, seed: int = 0
 ) -> Dataset:
@@ -133,7 +72,7 @@ def subsample_class(
     _check_fraction("desirable_fraction", desirable_fraction)
     _check_fraction("undesirable_fraction", undesirable_fraction)
     count_labels(dataset)  # validates the label column
-    labels = np.asarray(_plain(dataset)["label"], dtype=bool)
+    labels = np.asarray(label_values(dataset), dtype=bool)  # a ClassLabel by its names
     rng = np.random.default_rng(seed)
     keep = []
     for flag, fraction in ((True, desirable_fraction), (False, undesirable_fraction)):
@@ -189,11 +128,9 @@ def prepare_unpaired(
     if len(dataset) == 0:
         raise ValueError(f"The dataset has 0 rows (columns: {dataset.column_names}); load a file/split with data.")
 
-    paired = not {"completion", "label"} <= cols and {"chosen", "rejected"} <= cols
-    if paired and "prompt" not in cols and isinstance(_plain(dataset)[0]["chosen"], list):
-        from trl.data_utils import maybe_extract_prompt  # lazy: importing trl is slow
-
-        dataset = dataset.map(maybe_extract_prompt, desc="Extracting prompts")
+    paired = is_paired(cols)
+    if paired:
+        dataset = _extract_prompt(dataset)
         cols = set(dataset.column_names)
     needed = ["prompt", "chosen", "rejected"] if paired else ["prompt", "completion", "label"]
     missing = [c for c in needed if c not in cols]
@@ -208,7 +145,7 @@ def prepare_unpaired(
     _check_text_columns(dataset, needed[:2] if not paired else needed)
     if paired:
         dataset = unpair_paired_dataset(dataset, seed=seed)
-    elif dataset.features["label"] != Value("bool") or dataset.data.column("label").null_count:
+    elif not is_decoded(dataset := decode_labels(dataset)):  # a ClassLabel is read by its names, never its codes
         labels = [normalize_label(v, row) for row, v in enumerate(_plain(dataset)["label"])]
         order = dataset.column_names  # add_column appends at the end; restore the user's column order
         dataset = dataset.remove_columns("label").add_column("label", labels, feature=Value("bool"))
@@ -284,6 +221,8 @@ def load_unpaired_dataset(
     """
     # Every keyword after dataset_config is passed on unchanged; collect them before any other local exists.
     options = {k: v for k, v in locals().items() if k not in ("dataset_name", "split", "dataset_config")}
+    text_columns = [prompt_column, completion_column, chosen_column, rejected_column]
+    converters = dict.fromkeys(text_columns, str)  # CSV cells of text columns as written ("007", "2.50")
     path = Path(dataset_name).expanduser()
     suffix = path.suffix.lower()
     looks_local = suffix in _BUILDERS or suffix in _OTHER_FILE_SUFFIXES or dataset_name.startswith(("/", ".", "~"))
@@ -292,7 +231,11 @@ def load_unpaired_dataset(
         if path.is_file():
             if suffix not in _BUILDERS:
                 raise ValueError(f"Unsupported file type {suffix or '(none)'!r} for {path}; convert it to {_FORMATS}.")
-            dataset = _load(_BUILDERS[suffix], dataset_name, split, data_files=str(path))
+            # CSV cells are text: read the text columns as written ("27", "007"), not as inferred numbers.
+            csv = {"converters": converters} if suffix == ".csv" else {}
+            dataset = _load(_BUILDERS[suffix], dataset_name, split, data_files=str(path), **csv)
+            if suffix in (".json", ".jsonl"):
+                dataset = _json_text(dataset, path, text_columns)
         elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, DatasetDict):
@@ -303,19 +246,91 @@ def load_unpaired_dataset(
                 raise ValueError(f"{path} holds a single Dataset without splits; pass split='train' (got {split!r}).")
             dataset = loaded
         elif path.is_dir():
-            dataset = _load(path, dataset_name, split)
+            files = [f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")]
+            all_csv = files and all(f.suffix.lower() == ".csv" for f in files)
+            dataset = _load(path, dataset_name, split, **({"converters": converters} if all_csv else {}))
         elif looks_local:
             raise FileNotFoundError(f"No such file or folder: {path}. Give a {_FORMATS} file or a dataset folder.")
         else:
+            _check_hub_reachable(dataset_name)
             dataset = _load(dataset_name, dataset_name, split, name=dataset_config)
     except datasets.exceptions.DatasetGenerationError as err:
         raise _parse_error(path, err) from None
     except (datasets.exceptions.DatasetNotFoundError, ConnectionError) as err:
+        if datasets.config.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"{dataset_name!r} is not a local path, and with HF_HUB_OFFLINE=1 only the local Hub cache is read: it "
+                f"is not there. Pass a local {_FORMATS} file or a dataset folder, or unset HF_HUB_OFFLINE on a machine "
+                "with network access."
+            ) from None
         raise FileNotFoundError(
             f"{dataset_name!r} is not a local path and could not be loaded from the Hub ({err}). Check the spelling, "
             "your network / HF_TOKEN, or pass a local .jsonl/.json/.csv/.parquet file."
         ) from None
-    return prepare_unpaired(dataset, **options)
+    return prepare_unpaired(_as_text(dataset, text_columns), **options)
+
+
+def _json_text(dataset: Dataset, path: Path, columns: list[str]) -> Dataset:
+    """Text columns that JSON typed as numbers (27 -> 27.0 next to a 2.5) or mixed (Json), re-read as written."""
+    bad = [c for c in dict.fromkeys(columns) if c in dataset.features and _not_text(dataset.features[c])]
+    if not bad:
+        return dataset
+    text = path.read_text(encoding="utf-8")
+    rows = (
+        json.loads(text)
+        if path.suffix == ".json"
+        else [json.loads(line) for line in text.splitlines() if line.strip()]
+    )
+    if not isinstance(rows, list) or len(rows) != len(dataset) or not all(isinstance(r, dict) for r in rows):
+        return dataset  # another JSON layout: cast what was loaded instead
+    for column in bad:
+        values = [_as_str(row.get(column)) for row in rows]
+        order = dataset.column_names
+        dataset = dataset.remove_columns(column).add_column(column, values).select_columns(order)
+    return dataset
+
+
+def _not_text(feature) -> bool:
+    return not isinstance(feature, (Value, list, datasets.List)) or (
+        isinstance(feature, Value) and feature.dtype not in ("string", "large_string", "null")
+    )
+
+
+def _as_str(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _as_text(dataset: Dataset, columns: list[str]) -> Dataset:
+    """Number or bool columns among the text columns cast to strings (a JSON `27` or a CSV folder's inferred ints)."""
+    for column in dict.fromkeys(columns):
+        feature = dataset.features.get(column)
+        if isinstance(feature, Value) and feature.dtype not in ("string", "large_string", "null"):
+            dataset = dataset.cast_column(column, Value("string"))
+    return dataset
+
+
+def _check_hub_reachable(dataset_name: str) -> None:
+    """FileNotFoundError in one line, at once, when the Hub is needed but cannot be reached.
+
+    Without it, `datasets` retries for about 30 s and logs raw connection errors. Offline mode is left to `datasets`,
+    which then reads its local cache only (and fails at once when the dataset is not there).
+    """
+    if datasets.config.HF_HUB_OFFLINE:
+        return
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_HUB_TIMEOUT_S).close()
+    except OSError as err:
+        raise FileNotFoundError(
+            f"{dataset_name!r} is not a local path, and the Hub ({constants.ENDPOINT}) cannot be reached "
+            f"({err.strerror or err}). Check the spelling of a local path, your network, or set HF_HUB_OFFLINE=1 to "
+            "load a dataset from the local Hub cache."
+        ) from None
 
 
 def train_eval_split(dataset: Dataset, eval_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ def guard_loss(trainer, mode: str, batch: dict[str, Any], loss: torch.Tensor) ->
     if nonfinite and mode == "train":
         if getattr(trainer.args, "on_nonfinite_loss", "raise") != "skip":
             raise NonFiniteLossError(nonfinite_message(trainer, loss))
+        _count_nonfinite_step(trainer, loss)
         trainer._discard_step_gradients = True
+        trainer._zeroed_losses = getattr(trainer, "_zeroed_losses", 0) + 1  # see `correct_logged_loss`
+        trainer._zeroed_losses_total = getattr(trainer, "_zeroed_losses_total", 0) + 1
         metrics["skipped/nonfinite_steps"].append(1)
         logger.warning(
             "Non-finite loss (%s) at step %d: skipped (zero gradient, counted in `skipped/nonfinite_steps`) because "
@@ -60,8 +64,20 @@ def guard_loss(trainer, mode: str, batch: dict[str, Any], loss: torch.Tensor) ->
 
 
 def nonfinite_message(trainer, loss: torch.Tensor) -> str:
+    value = loss.detach().float().item()
+    where = f"({value})" if not math.isfinite(value) else "(on another process)"
+    return (
+        f"Non-finite training loss {where} at step {trainer.state.global_step + 1} "
+        f"(epoch {trainer.state.epoch or 0:.2f}); training stopped before this step's update. {_diagnosis(trainer)} "
+        "To skip such steps instead (zero gradient for the step, counted in `skipped/nonfinite_steps`), set "
+        "on_nonfinite_loss='skip'."
+    )
+
+
+def _diagnosis(trainer) -> str:
+    """Whether the weights are still finite, and the likely causes of a non-finite loss with this configuration."""
     args = trainer.args
-    dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    dtype = _dtype_name(trainer)
     weights_finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
     weights = (
         "The model's weights are still finite, so this batch's forward pass overflowed."
@@ -69,16 +85,20 @@ def nonfinite_message(trainer, loss: torch.Tensor) -> str:
         else "The model's weights already contain NaN/inf: an earlier update diverged (look at grad_norm in the steps "
         "logged before this one)."
     )
-    value = loss.detach().float().item()
-    where = f"({value})" if not math.isfinite(value) else "(on another process)"
     return (
-        f"Non-finite training loss {where} at step {trainer.state.global_step + 1} "
-        f"(epoch {trainer.state.epoch or 0:.2f}); training stopped before this step's update. {weights} Likely "
-        f"causes: a learning rate too high (learning_rate={args.learning_rate:g}: lower it, add warmup, keep "
-        f"max_grad_norm > 0, now {args.max_grad_norm}); overflow in low precision (dtype: {dtype}; prefer bf16 to "
-        f"fp16, or train in fp32); or extreme log-probabilities (beta={args.beta}). To skip such steps instead (zero "
-        "gradient for the step, counted in `skipped/nonfinite_steps`), set on_nonfinite_loss='skip'."
+        f"{weights} Likely causes: a learning rate too high (learning_rate={args.learning_rate:g}: lower it, add "
+        f"warmup, keep max_grad_norm > 0, now {args.max_grad_norm}); overflow in low precision (dtype: {dtype}; "
+        f"prefer bf16 to fp16, or train in fp32); or extreme log-probabilities (beta={args.beta})."
     )
+
+
+def _dtype_name(trainer) -> str:
+    """The training precision: fp16/bf16 mixed precision, else the dtype of the model's weights."""
+    args = trainer.args
+    if args.fp16 or args.bf16:
+        return "fp16 (mixed precision)" if args.fp16 else "bf16 (mixed precision)"
+    dtype = next(trainer.model.parameters()).dtype
+    return {torch.float16: "fp16 weights", torch.bfloat16: "bf16 weights"}.get(dtype, "fp32")
 
 
 def after_training_step(trainer) -> None:
@@ -94,6 +114,7 @@ def after_training_step(trainer) -> None:
         return  # e.g. DeepSpeed, which keeps the gradients itself
     finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
     if not finite and not flagged:  # a finite loss whose gradient overflowed: clipping would turn it into NaN weights
+        _count_nonfinite_step(trainer, None)
         trainer._metrics["train"]["skipped/nonfinite_steps"].append(1)
         logger.warning(
             "Non-finite gradient at step %d: skipped (zero gradient, counted in `skipped/nonfinite_steps`).",
@@ -107,3 +128,67 @@ def after_training_step(trainer) -> None:
     elif not finite:  # this micro-batch's share cannot be told apart: the whole step's gradient is dropped
         for grad in grads:
             grad.zero_()
+
+
+def _count_nonfinite_step(trainer, loss: torch.Tensor | None) -> None:
+    """Marks the current optimizer step as non-finite; raises [`NonFiniteLossError`] when it would make
+    `max_consecutive_nonfinite_steps` such steps in a row (a run that is no longer learning)."""
+    limit = getattr(trainer.args, "max_consecutive_nonfinite_steps", None)
+    streak = getattr(trainer, "_nonfinite_streak", 0)
+    if not getattr(trainer, "_nonfinite_in_step", False):
+        trainer._nonfinite_in_step = True
+        streak += 1
+    if limit is not None and streak >= limit:
+        first = trainer.state.global_step + 2 - streak
+        what = f"loss ({loss.detach().float().item()})" if loss is not None else "gradient"
+        raise NonFiniteLossError(
+            f"{streak} consecutive training steps (steps {first} to {trainer.state.global_step + 1}) had a "
+            f"non-finite {what} and were skipped (on_nonfinite_loss='skip'), which reached "
+            f"max_consecutive_nonfinite_steps={limit}: the run is no longer learning, so it stops before this step's "
+            f"update. {_diagnosis(trainer)} To tolerate longer runs of skipped steps, raise "
+            "max_consecutive_nonfinite_steps."
+        )
+
+
+class NonFiniteStreak(TrainerCallback):
+    """Counts consecutive optimizer steps skipped for a NaN/inf loss or gradient (see `_count_nonfinite_step`)."""
+
+    def __init__(self, trainer):
+        self._trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # After a resume the state is the checkpoint's: the first logging window starts there.
+        self._trainer._last_logged_train_step = state.global_step
+        self._trainer._nonfinite_streak = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self._trainer
+        skipped = trainer.__dict__.pop("_nonfinite_in_step", False)
+        trainer._nonfinite_streak = getattr(trainer, "_nonfinite_streak", 0) + 1 if skipped else 0
+
+
+def correct_logged_loss(trainer, logs: dict[str, float]) -> None:
+    """Training logs: `loss` (and the run's `train_loss`) averaged over the micro-batches that were not skipped for a
+    non-finite loss, instead of counting each skipped one as a loss of 0; left out when every one was skipped.
+
+    transformers logs `loss` = (sum of the window's step losses) / (steps in the window), each step's loss being the
+    sum of its micro-batch losses / gradient_accumulation_steps; a skipped micro-batch added 0.
+    """
+    accumulation = max(1, trainer.args.gradient_accumulation_steps)
+    if "loss" in logs:
+        steps = trainer.state.global_step - getattr(trainer, "_last_logged_train_step", 0)
+        skipped = trainer.__dict__.pop("_zeroed_losses", 0) / accumulation
+        trainer._last_logged_train_step = trainer.state.global_step
+        if skipped and steps > 0:
+            if steps - skipped <= 1e-9:
+                del logs["loss"]
+            else:
+                logs["loss"] = logs["loss"] * steps / (steps - skipped)
+    if "train_loss" in logs:
+        skipped = getattr(trainer, "_zeroed_losses_total", 0) / accumulation
+        steps = trainer.state.global_step
+        if skipped and steps > 0:
+            if steps - skipped <= 1e-9:
+                del logs["train_loss"]
+            else:
+                logs["train_loss"] = logs["train_loss"] * steps / (steps - skipped)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 from datasets import IterableDataset
 
 from .config import LOSS_AVERSION_RANGE
+from .labels import label_values
 
 
 class LossAversion(NamedTuple):
@@ -83,7 +84,7 @@ def count_raw_labels(dataset) -> tuple[int, int] | None:
         return None
     columns = set(dataset.column_names)
     if "label" in columns:
-        labels = list(dataset["label"])
+        labels = label_values(dataset)  # a ClassLabel by its class names, never by its codes
         for row, value in enumerate(labels):
             if not isinstance(value, bool):
                 raise ValueError(

@@ -1,8 +1,10 @@
-"""LoRA / QLoRA helpers: a fail-fast check that bitsandbytes can run k-bit layers on the training device."""
+"""LoRA / QLoRA helpers: bitsandbytes imported only when k-bit is asked for, and a fail-fast check of its backend."""
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import sys
+from collections.abc import Iterator
 
 _LORA_HINT = (
     "To train without quantization, run plain LoRA instead: drop `quantization_config` (YAML: set `load_in_4bit: "
@@ -35,6 +37,8 @@ def check_kbit_backend(device_type: str) -> None:
     Args:
         device_type: `"cpu"`, `"cuda"`, `"xpu"`, ... (a device string such as `"cuda:0"` is accepted too).
     """
+    import torch
+
     device = torch.device(device_type)
     name = device.type
     try:
@@ -75,3 +79,29 @@ def asks_for_kbit(quantization_config, model_init_kwargs) -> bool:
         if any(values.get(key) for key in ("load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit")):
             return True
     return False
+
+
+@contextlib.contextmanager
+def without_bitsandbytes() -> Iterator[None]:
+    """Imports inside the block see bitsandbytes as not installed; the process is as before once it exits.
+
+    peft imports bitsandbytes whenever it is installed, and transformers' `TrainingArguments` imports peft, so merely
+    building a config costs the bitsandbytes import (~1 s) and its CPU backend logs a "Failed to load CPU
+    gemm_4bit_forward from kernels-community" warning. Wrap the imports of a run that asks for no 4/8-bit in this:
+    `import bitsandbytes` raises ImportError inside (a `None` entry in `sys.modules`, Python's documented way), and
+    on exit the entry is removed and peft's cached `is_bnb_available` answers are cleared, so a later QLoRA in the
+    same process imports bitsandbytes normally. Does nothing when bitsandbytes is already imported.
+    """
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        peft_imports = sys.modules.get("peft.import_utils")
+        for name in ("is_bnb_available", "is_bnb_4bit_available"):
+            with contextlib.suppress(AttributeError):
+                getattr(peft_imports, name).cache_clear()

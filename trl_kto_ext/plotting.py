@@ -9,14 +9,21 @@ from pathlib import Path
 STATE_FILE = "trainer_state.json"
 DEFAULT_PLOT_NAME = "training_curves.png"
 
-# (panel title, y label, [(log key, legend label), ...]); eval_<key> curves are added when present.
+# (panel title, y label, [(log key, legend label), ...]); eval_<key> curves are added when present. Each training point
+# is the mean over its logging window (`logging_steps`), which the titles say.
 PANELS = [
     ("Rewards", "beta * log-ratio", [("rewards/chosen", "chosen (desirable)"), ("rewards/rejected", "rejected")]),
     ("Reward margin", "chosen - rejected", [("rewards/margins", "margin")]),
-    ("Reference point z0", "KL estimate", [("kl", "z0 = max(kl_raw, 0)"), ("kl_raw", "kl_raw (before clamp)")]),
+    ("Reference point z0", "KL estimate", [("kl", "kl: z0, clamped at 0"), ("kl_raw", "kl_raw: before the clamp")]),
     ("Loss aversion", "weight", [("lambda_D", "lambda_D"), ("lambda_U", "lambda_U")]),
     ("Loss", "loss", [("loss", "loss")]),
 ]
+# Line styles per key, so that equal curves (lambda_D = lambda_U, or kl = kl_raw when z0 > 0) stay visible: the
+# second is drawn dashed, with other markers, over a wide first line.
+UNDER = dict(lw=4, alpha=0.5, marker="o", ms=10, mfc="none", mew=2)  # wide line, hollow ring
+OVER = dict(lw=2, linestyle=":", marker="s", ms=4)  # dotted (eval curves are dashed), small filled square
+STYLES = {"lambda_D": UNDER, "lambda_U": OVER, "kl": UNDER, "kl_raw": OVER}
+WINDOW_NOTE = "each point: mean over a logging window"
 
 
 def find_state_file(path: str | Path) -> Path:
@@ -66,7 +73,8 @@ def plot_training(output_dir_or_state_file: str | Path, out_path: str | Path | N
 
     Reads `trainer_state.json` (in the folder, or in its latest `checkpoint-*` subfolder). Panels: rewards/chosen vs
     rewards/rejected, rewards/margins, z0 (`kl`, `kl_raw`), lambda_D/lambda_U and loss, each with its `eval_` curves
-    when logged. Series missing from the log are skipped. Default output: `<folder>/training_curves.png`.
+    (dashed) when logged; a run too short to log a loss shows its final `train_loss`. Each training point is the mean
+    over its logging window. Series missing from the log are skipped. Default output: `<folder>/training_curves.png`.
     """
     import matplotlib
 
@@ -81,36 +89,71 @@ def plot_training(output_dir_or_state_file: str | Path, out_path: str | Path | N
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
+    fig = make_figure(history, f"KTO training curves: {state_file.parent.name}", empty_note=str(state_file))
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return str(out_path)
+
+
+def make_figure(history: list[dict], title: str = "KTO training curves", empty_note: str = ""):
+    """The matplotlib Figure of `plot_training` for a `log_history` list (one Axes per panel with data)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     panels = []
-    for title, ylabel, keys in PANELS:
+    for title_, ylabel, keys in PANELS:
         curves = []
         for color, (key, label) in enumerate(keys):
             # lambda_D / lambda_U are settings, not measurements: their eval_ copies would only repeat them.
-            for prefix, style in (("", "-"), ("eval_", "--")) if not key.startswith("lambda") else (("", "-"),):
+            for prefix in ("", "eval_") if not key.startswith("lambda") else ("",):
                 steps, values = series(history, prefix + key)
                 if steps:
-                    curves.append((steps, values, f"{prefix and 'eval '}{label}", style, f"C{color}"))
+                    curves.append((steps, values, f"{prefix and 'eval '}{label}", key, bool(prefix), f"C{color}"))
+        if key == "loss" and not any(not is_eval for *_, is_eval, _ in curves):  # no loss logged inside the run
+            steps, values = series(history, "train_loss")
+            if steps:
+                curves.append((steps, values, "train_loss (mean over the run)", "train_loss", False, "C0"))
         if curves:
-            panels.append((title, ylabel, curves))
+            panels.append((title_, ylabel, curves))
 
     n_cols = 2 if len(panels) > 1 else 1
     n_rows = max(1, -(-len(panels) // n_cols))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(6 * n_cols, 3.2 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(6.4 * n_cols, 3.4 * n_rows), squeeze=False, layout="constrained")
     flat = list(axes.flat)
-    for ax, (title, ylabel, curves) in zip(flat, panels):
-        for steps, values, label, style, color in curves:  # a metric and its eval_ twin share a colour
-            ax.plot(steps, values, style, color=color, marker="o" if len(steps) < 30 else None, ms=3, label=label)
-        ax.set_title(title)
+    for ax, (panel_title, ylabel, curves) in zip(flat, panels):
+        for steps, values, label, key, is_eval, color in curves:  # a metric and its eval_ twin share a colour
+            style = {"lw": 1.5, "marker": "o", "ms": 4, **STYLES.get(key, {})}
+            if len(steps) >= 30:  # markers only where points are few (a short run's single dots stay visible)
+                style["marker"] = None
+            if is_eval:
+                style.update(linestyle="--", lw=1.5, alpha=1.0)
+            ax.plot(steps, values, color=color, label=label, **style)
+        ax.set_title(panel_title, fontsize=11)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
+        last = max(max(steps) for steps, *_ in curves)
+        ax.set_xlim(0, last + max(0.5, 0.03 * last))  # from step 0, so a short run gets whole-number ticks too
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in flat[len(panels) :]:
         ax.axis("off")
     if not panels:
-        flat[0].text(0.5, 0.5, f"No KTO metrics logged yet in\n{state_file}", ha="center", va="center")
-    fig.suptitle(f"KTO training curves: {state_file.parent.name}")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return str(out_path)
+        flat[0].text(0.5, 0.5, f"No KTO metrics logged yet in\n{empty_note}", ha="center", va="center")
+    fig.suptitle(f"{title} ({WINDOW_NOTE}; eval dashed)")
+    return fig
+
+
+def main(argv: list[str]) -> int:
+    """`trl-kto-ext plot OUTPUT_DIR [--out FILE.png]`: prints the PNG's path; SystemExit with a one-line message."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="trl-kto-ext plot", description="Plot the KTO training curves of a run.")
+    parser.add_argument("output_dir", help="Output folder of a run (or a trainer_state.json).")
+    parser.add_argument("--out", default=None, help="PNG to write (default: OUTPUT_DIR/training_curves.png).")
+    args = parser.parse_args(argv)
+    try:
+        print(plot_training(args.output_dir, args.out))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"trl-kto-ext: error: {err}") from None
+    return 0

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import string
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -279,8 +280,14 @@ def pretrain_base_model(
     steps: int = PRETRAIN_STEPS,
     batch_size: int = PRETRAIN_BATCH_SIZE,
     lr: float = PRETRAIN_LR,
+    progress: bool = True,
 ) -> list[float]:
-    """Causal-LM training on the noisy corpus with a plain loop (deterministic, quick); returns the loss per step."""
+    """Causal-LM training on the noisy corpus with a plain loop (deterministic, quick); returns the loss per step.
+
+    `progress` shows a tqdm bar (on stderr) with the running loss.
+    """
+    from tqdm.auto import tqdm
+
     rows = _encode_corpus(tokenizer, seed, steps * batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(steps // 20, 1)
@@ -291,7 +298,8 @@ def pretrain_base_model(
     )
     model.train()
     losses = []
-    for step in range(steps):
+    bar = tqdm(range(steps), desc="Pretraining the tiny model", unit="step", disable=not progress, file=sys.stderr)
+    for step in bar:
         batch = rows[step * batch_size : (step + 1) * batch_size]
         width = max(len(c) + len(y) for c, y in batch)
         pads = [width - len(c) - len(y) for c, y in batch]
@@ -307,6 +315,8 @@ def pretrain_base_model(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     return losses
 
@@ -331,6 +341,16 @@ class TinyDefault:
 _METADATA_FILE = "tiny_default.json"
 
 
+def load_tiny(n_rows: int = 256, seed: int = 0) -> tuple[str, PreTrainedTokenizerFast, Dataset]:
+    """(model_dir, tokenizer, train_dataset) of the embedded tiny default, for examples and quick tries.
+
+    `model_dir` is a local folder to pass as `model=` (built and cached on first use, see `build_tiny_default`);
+    the dataset has `n_rows` unpaired `prompt` / `completion` / `label` rows over the training prompts, half desirable.
+    """
+    tiny = build_tiny_default()
+    return tiny.model_dir, tiny.load_tokenizer(), make_kto_dataset(n_rows, seed=seed)
+
+
 def default_cache_dir() -> Path:
     """Root of the on-disk cache: $TRL_KTO_EXT_CACHE, else ~/.cache/trl_kto_ext."""
     return Path(os.environ.get("TRL_KTO_EXT_CACHE", "~/.cache/trl_kto_ext")).expanduser()
@@ -341,12 +361,27 @@ def _read_cached(model_dir: Path) -> TinyDefault:
     return TinyDefault(model_dir=str(model_dir), **json.loads((model_dir / _METADATA_FILE).read_text()))
 
 
-def build_tiny_default(cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> TinyDefault:
-    """Pretrain the tiny base model once and cache it under `cache_dir`; later calls only read the cache."""
+def build_tiny_default(
+    cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, verbose: bool = True
+) -> TinyDefault:
+    """Pretrain the tiny base model once and cache it under `cache_dir`; later calls only read the cache.
+
+    With `verbose` it says on stderr what it builds and where (with a progress bar; about a minute on one CPU core),
+    or, on later calls, the one line "Using the cached tiny model at ...".
+    """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = root / (f"tiny-{VERSION}" if seed == 0 else f"tiny-{VERSION}-seed{seed}")
     if (final / _METADATA_FILE).is_file():
+        if verbose:
+            print(f"Using the cached tiny model at {final}", file=sys.stderr, flush=True)
         return _read_cached(final)
+    if verbose:
+        print(
+            f"Building the tiny default model once (a 0.5M-parameter Llama and a character tokenizer, pretrained for "
+            f"{PRETRAIN_STEPS} steps on noisy addition, about a minute on one CPU core); it is cached at {final}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     root.mkdir(parents=True, exist_ok=True)
     # Build in a private directory next to the final one and rename it into place: a rename within one file system is
@@ -359,7 +394,7 @@ def build_tiny_default(cache_dir: str | os.PathLike[str] | None = None, seed: in
         with torch.random.fork_rng(devices=[]):
             tokenizer = build_tokenizer()
             model = build_model(tokenizer, seed=seed)
-            pretrain_base_model(model, tokenizer, seed=seed)
+            pretrain_base_model(model, tokenizer, seed=seed, **({} if verbose else {"progress": False}))
             accuracy = greedy_accuracy(model, tokenizer, *heldout_prompts())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -372,6 +407,8 @@ def build_tiny_default(cache_dir: str | os.PathLike[str] | None = None, seed: in
         except OSError:
             if not (final / _METADATA_FILE).is_file():  # a real failure, not a concurrent builder that finished first
                 raise
+        if verbose:
+            print(f"Tiny model ready at {final} (held-out greedy accuracy {accuracy:.2f})", file=sys.stderr)
         return _read_cached(final)
     finally:
         torch.set_num_threads(threads)

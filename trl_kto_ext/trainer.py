@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import contextlib
 import copy
 from collections import defaultdict
@@ -16,13 +17,16 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, use_adapter
 
-from . import guards, resume, validation
+from . import guards, ref_cache, reference, resume, validation
 from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
+from .fast_path import fast_path
 from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, count_raw_labels, resolve_loss_aversion
 from .pairing import add_dataset_kl_pairing
 from .peft_utils import asks_for_kbit, check_kbit_backend
+from .reference import HostReference
+from .unpairing import as_unpaired
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
@@ -68,16 +72,20 @@ class KTOExtTrainer(KTOTrainer):
     - The loss is [`kto_loss`], a pure function; z0 is the mean KL log-ratio over the KL rows of all processes.
     """
 
+    from .model_card import create_model_card  # TRL's card names no local base, data or lambda: model_card.py
+
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
         args = _as_ext_config(args, model)
         if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
             check_kbit_backend(args.device.type)  # a clear message before any weights are loaded
         self._vocab_rows = validation.check_before_setup(model, args, kwargs)  # empty train set, pad token
+        validation.fit_max_length(model, args)  # within the model's position embeddings
         if ref_model is None and _needs_reference_copy(model, args, kwargs.get("peft_config")):
             # TRL reloads the reference from `model.config._name_or_path`, which fails for a model built in memory and
             # is wrong for one changed since loading (e.g. after SFT in the same notebook): copy the model as given.
             ref_model = frozen_copy(model)
         self.loss_aversion: LossAversion | None = None
+        self._host_reference: HostReference | None = None
         self._uses_kl = args.loss_type != "apo_zero_unpaired"
         user_collator = data_collator
         # TRL fixes KL completions while tokenizing and therefore refuses shuffled samplers and batches of one. This
@@ -106,12 +114,23 @@ class KTOExtTrainer(KTOTrainer):
                 self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
             else:
                 self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+        elif self.ref_model is None and reference.can_keep_host_reference(self):
+            # Every training reference log-prob is cached, so TRL keeps no reference; but evaluation KL rows and
+            # datasets given later to `evaluate`/`predict` still need one. Nothing has trained yet: keep a copy of the
+            # policy in host memory, moved to the device only during those passes.
+            self._host_reference = HostReference(self.model)
+            add_fused_lm_head(self._host_reference.model)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._evaluating = 0
         self.add_callback(_LossAversionReport(self))
+        self.add_callback(guards.NonFiniteStreak(self))
 
     # ----------------------------------------------------------------------------------------------- data set-up
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         validation.check_dataset(dataset, processing_class, dataset_name)
+        # Labels read by meaning (a ClassLabel by its names) and pairs unpaired side by side, by the conversion that
+        # prepare_unpaired and the CLI use; TRL's own unpairing would put every chosen row before every rejected one.
+        dataset = as_unpaired(dataset)
         if dataset_name == "train":
             self._set_loss_aversion(dataset, args)
         # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids` (its rotation
@@ -125,11 +144,15 @@ class KTOExtTrainer(KTOTrainer):
         return dataset
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        reference.check_reference_available(self, f"the reference log-probs of the {name!r} dataset")
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
         # Otherwise only the targets' are: the KL rows change with every batch, so theirs are computed per step.
         cache_kl = self._uses_kl and "KL_completion_ids" in dataset.column_names
+        # One length-sorted, completion-only pass over target and KL sequences together, persisted on disk by the
+        # reference weights' and the data's fingerprints (`ref_cache`); TRL's precompute where that does not apply.
         with _attribute(self, "calculate_KL", cache_kl):
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            result = ref_cache.precompute(self, dataset, name, batch_size)
+            return result if result is not None else super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _kl_reference_needed_per_step(self) -> bool:
         return self._uses_kl and self.precompute_ref_logps and self.args.kl_pairing == "batch"
@@ -203,19 +226,29 @@ class KTOExtTrainer(KTOTrainer):
         kwargs = self._model_kwargs(batch)
         if self.aux_loss_enabled:
             kwargs["output_router_logits"] = True
+        outputs = fast_path(self).policy_forward(model, batch, kwargs)  # completion positions only, bucketed
+        if outputs is not None:
+            return outputs
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         return model(**kwargs, labels=labels, fused_lm_head=True)
 
     @contextlib.contextmanager
     def _reference(self):
-        """Yields the reference model: `ref_model`, or the policy with its adapters disabled (PEFT)."""
+        """Yields the reference model: `ref_model`, the policy with its adapters disabled (PEFT), the reference kept
+        in host memory, or the policy itself only before its first update; otherwise raises a `RuntimeError`."""
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None and is_peft_model(self.model):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                     yield self.model
+            elif self.ref_model is not None:
+                yield self.ref_model
+            elif self._host_reference is not None:
+                with self._host_reference.on_device() as ref:
+                    yield ref
             else:
-                yield self.ref_model if self.ref_model is not None else self.model
+                reference.check_reference_available(self, "reference log-probs")
+                yield self.model  # not updated yet: the policy is still the reference
 
     def _reference_target_logps(self, batch) -> torch.Tensor:
         if "ref_logps" in batch:
@@ -223,6 +256,10 @@ class KTOExtTrainer(KTOTrainer):
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         kwargs = {k: v for k, v in self._model_kwargs(batch).items() if k != "output_router_logits"}
         with self._reference() as ref:
+            if set(kwargs) == {"input_ids", "attention_mask", "use_cache"}:
+                fast = fast_path(self).sequence_logps(ref, batch, ("input_ids", "attention_mask", "completion_mask"))
+                if fast is not None:
+                    return fast
             per_token = ref(**kwargs, labels=labels, fused_lm_head=True).log_probs
         return per_token[:, -(batch["input_ids"].size(1) - 1) :].sum(-1)
 
@@ -231,6 +268,13 @@ class KTOExtTrainer(KTOTrainer):
             return batch["ref_KL_logps"].to(self.accelerator.device)
         with self._reference() as ref:
             return self._compute_kl_logps(ref, batch)
+
+    def _compute_kl_logps(self, model, batch):
+        # Log-probs only (no entropy / mean logits), completion positions only, length-bucketed; else TRL's.
+        keys = ("KL_input_ids", "KL_attention_mask", "KL_completion_mask")
+        only_text = set(self._model_kwargs(batch)) == {"input_ids", "attention_mask", "use_cache"}
+        fast = fast_path(self).sequence_logps(model, batch, keys) if self.calculate_KL and only_text else None
+        return fast if fast is not None else super()._compute_kl_logps(model, batch)
 
     def _global_reference_point(self, kl_logratios: torch.Tensor) -> torch.Tensor:
         """z0 before the clamp: the sum of KL log-ratios over all processes divided by their total count, so a
@@ -296,26 +340,67 @@ class KTOExtTrainer(KTOTrainer):
             self._total_train_tokens += int(attended) // self._tp_size
         m["num_tokens"] = [self._total_train_tokens]
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Read from the logs, not from `model.training`: the end-of-training summary comes after a final evaluation
-        # has left the model in eval mode.
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        # Row counts and skipped steps add up over the logging window; every other metric is averaged.
+    def _summarize(self, mode: str) -> dict[str, float]:
+        """The metrics collected since the last summary of `mode`, which are then cleared. Row counts and skipped
+        steps add up; every other metric is averaged over the steps (batches) that recorded it."""
         metrics = {
             key: (sum(values) if key.startswith(("count/", "skipped/")) else sum(values) / len(values))
             for key, values in self._metrics[mode].items()
             if values
         }
+        self._metrics[mode].clear()
         if self.loss_aversion is not None:
             metrics["lambda_D"] = self.desirable_weight
             metrics["lambda_U"] = self.undesirable_weight
             metrics["loss_aversion_ratio"] = self.loss_aversion.ratio
-        if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
-        logs.update(metrics)
-        # TRL's `log` would average the row counts: skip to transformers' own.
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # An evaluation's metrics are already in its `logs`, under its own prefix (see `evaluation_loop`); every other
+        # call logs training, so the window's training metrics are added. TRL's `log` would average the row counts
+        # and tell the two apart by `model.training`: skip to transformers' own.
+        if not self._evaluating:
+            guards.correct_logged_loss(self, logs)  # steps skipped for a NaN/inf loss are not a loss of 0
+            logs.update(self._summarize("train"))
         Trainer.log(self, logs, start_time)
-        self._metrics[mode].clear()
+
+    # ------------------------------------------------------------------------------------ evaluation and predict
+    # Overridden at `evaluation_loop`, the one pass shared by `evaluate` and `predict`, so every entry point (any
+    # `metric_key_prefix`, several eval sets, the evaluations during training) reports its own pass's KTO metrics.
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        self._metrics["eval"].clear()  # nothing carried over from an interrupted pass
+        try:
+            with reference.reference_for_pass(self):
+                output = super().evaluation_loop(
+                    dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+                )
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._summarize("eval").items()})
+        finally:
+            self._metrics["eval"].clear()
+        return output
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """TRL's `evaluate`; with cached reference log-probs, a dataset given here after training gets its reference
+        log-probs from the reference kept in host memory (TRL refuses). Returns `{prefix}_*` metrics, KTO's included."""
+        self._evaluating += 1
+        try:
+            with reference.reference_for_pass(self):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._evaluating -= 1
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """Like `evaluate` on `test_dataset` (tokenized and, with `precompute_ref_log_probs`, its reference log-probs
+        computed as there); returns a `PredictionOutput` whose `metrics` carry the `{prefix}_` KTO metrics."""
+        with reference.reference_for_pass(self):
+            if not self._is_vision_dataset:
+                test_dataset = self._prepare_dataset(test_dataset, self.processing_class, self.args, "eval")
+                if self.precompute_ref_logps and "ref_logps" not in (test_dataset.column_names or ()):
+                    batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+                    test_dataset = self._precompute_ref_logps(test_dataset, metric_key_prefix, batch_size)
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix)
 
     # ---------------------------------------------------------------------------------------- resume the pairing
     def _get_dataloader(self, *args, is_training: bool = False, **kwargs):

@@ -16,6 +16,9 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 
+from .labels import decode_labels
+from .messages import check_rendered, structure_problem
+
 logger = logging.getLogger(__name__)
 
 _SHOWN_ROWS = 5  # rows listed in a message
@@ -40,6 +43,45 @@ def check_before_setup(model, args, trainer_kwargs: dict[str, Any]) -> int | Non
         check_not_empty(trainer_kwargs["train_dataset"], "train")
     ensure_pad_token(trainer_kwargs.get("processing_class"))
     return embedding_rows(model, args)
+
+
+def fit_max_length(model, args) -> None:
+    """Keeps `args.max_length` within the model's positions (`max_position_embeddings` of its text config).
+
+    Left at its default and larger than the model's limit, it is lowered to the limit (one line says so); set by the
+    user above the limit, ValueError: tokens past the last position would index out of the position table.
+    """
+    limit = _position_limit(model, args)
+    if limit is None or args.max_length is None or args.max_length <= limit:
+        return
+    default = type(args).__dataclass_fields__["max_length"].default
+    if args.max_length != default:
+        raise ValueError(
+            f"max_length={args.max_length} is longer than the model supports: its max_position_embeddings is {limit}, "
+            f"so tokens past position {limit} have no position embedding. Set max_length to {limit} or less."
+        )
+    if _main_process():
+        print(f"max_length lowered from its default {default} to {limit}, the model's max_position_embeddings.")
+    args.max_length = limit
+
+
+def _position_limit(model, args) -> int | None:
+    config = getattr(model, "config", None)
+    if isinstance(model, str):
+        try:
+            from transformers import AutoConfig
+
+            init_kwargs = getattr(args, "model_init_kwargs", None) or {}
+            config = AutoConfig.from_pretrained(
+                model,
+                revision=init_kwargs.get("revision"),
+                trust_remote_code=getattr(args, "trust_remote_code", False),
+            )
+        except Exception:  # a check must not fail where loading the model itself may still work
+            return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 def check_not_empty(dataset, name: str) -> None:
@@ -112,8 +154,11 @@ def embedding_rows(model, args=None) -> int | None:
 def check_dataset(dataset, processing_class, name: str) -> None:
     """Columns, labels and text of a dataset given to the trainer, before tokenization.
 
-    A map-style Dataset is checked row by row; an IterableDataset on its first rows only.
+    A map-style Dataset is checked row by row; an IterableDataset on its first rows only. A `ClassLabel` label is
+    read by its class names (ValueError when they are not recognised).
     """
+    if isinstance(dataset, (Dataset, IterableDataset)):
+        dataset = decode_labels(dataset)
     if isinstance(dataset, Dataset):
         check_not_empty(dataset, name)
         columns = dataset.column_names
@@ -138,6 +183,10 @@ def check_dataset(dataset, processing_class, name: str) -> None:
         check_labels(values("label"), name)
     if _check_text(text_columns, values, name):
         check_chat_template(processing_class, name)
+        extra = [c for c in ("prompt", "tools", "chat_template_kwargs") if c in columns and c not in text_columns]
+        table = {c: values(c) for c in (*text_columns, *extra)}
+        rows = [dict(zip(table, row)) for row in zip(*table.values())]
+        check_rendered(processing_class, rows, text_columns, name)
 
 
 def _check_columns(columns: list[str], values, name: str) -> list[str]:
@@ -170,49 +219,16 @@ def check_labels(labels: list[Any], name: str) -> None:
         )
 
 
-def _text_problem(value: Any) -> tuple[str, str] | None:
-    """(kind, description) of what is wrong with a prompt/completion value, or None."""
-    if value is None:
-        return "empty", "is missing (None)"
-    if isinstance(value, str):
-        return ("empty", f"is empty ({value!r})") if not value.strip() else None
-    if not isinstance(value, list):
-        return "type", f"is a {type(value).__name__} ({str(value)[:60]!r}), not text or a list of messages"
-    if not value:
-        return "empty", "is an empty list of messages"
-    for k, message in enumerate(value):
-        if not isinstance(message, dict):
-            return "messages", f"is not a list of {{'role', 'content'}} messages: message {k} is {message!r}"
-        if not isinstance(message.get("role"), str) or not message["role"]:
-            return "messages", f"is not a list of {{'role', 'content'}} messages: message {k} has no 'role'"
-        if not isinstance(message.get("content"), (str, list)):
-            return "messages", f"is not a list of {{'role', 'content'}} messages: message {k} has no 'content'"
-    if all(_blank_content(m["content"]) for m in value):
-        return "empty", "is empty (no message has any content)"
-    return None
-
-
-def _blank_content(content: str | list) -> bool:
-    if isinstance(content, str):
-        return not content.strip()
-    # Multimodal parts: blank only when every part is a text part without text.
-    return all(_blank_part(part) for part in content)
-
-
-def _blank_part(part: Any) -> bool:
-    return isinstance(part, dict) and part.get("type", "text") == "text" and not str(part.get("text") or "").strip()
-
-
 def _check_text(columns: list[str], values, name: str) -> bool:
     """Checks every prompt/completion value; returns whether the rows are conversational."""
     kinds = {}
     for column in columns:
         column_values = values(column)
-        problems = [(row, p) for row, v in enumerate(column_values) if (p := _text_problem(v)) is not None]
+        problems = [(row, p) for row, v in enumerate(column_values) if (p := structure_problem(v)) is not None]
         if problems:
             row, (kind, description) = problems[0]
             keep = (
-                f"any(m['content'].strip() for m in r['{column}'])"
+                f"any((m.get('content') or '').strip() for m in r['{column}'])"
                 if isinstance(column_values[row], list)
                 else f"r['{column}'].strip()"
             )

@@ -1,0 +1,178 @@
+"""Reference log-probs computed in one length-sorted pass over all sequences, persisted on disk by model and data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset
+
+from .fast_path import fast_path
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_TARGET_KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
+def default_cache_dir() -> str:
+    """`$TRL_KTO_EXT_REF_CACHE`, else `~/.cache/trl_kto_ext/ref_logps`."""
+    return os.environ.get("TRL_KTO_EXT_REF_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "trl_kto_ext", "ref_logps"
+    )
+
+
+def data_fingerprint(dataset: Dataset, columns: list[str]) -> str:
+    """blake2b of the token ids of `columns` ([N] lists of ints each), row by row with their lengths, and of N."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{len(dataset)}|{columns}".encode())
+    for column in columns:
+        values = dataset.with_format("arrow")[column]  # the selected rows, in order
+        h.update(pc.list_value_length(values).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        h.update(pc.list_flatten(values).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def cache_key(model_hash: str, data_hash: str, settings: dict) -> str:
+    """File stem naming the model weights (`model_hash`: sha256 of every tensor of the reference, TRL's
+    `hash_module`), the tokenized data and the `settings` that change the values (precision, max_length, ...)."""
+    payload = json.dumps({"format": CACHE_FORMAT, "model": model_hash, "data": data_hash, **settings}, sort_keys=True)
+    return hashlib.blake2b(payload.encode(), digest_size=20).hexdigest()
+
+
+def load(path: str, n_rows: int, with_kl: bool) -> dict[str, torch.Tensor] | None:
+    """The cached tensors ([N] float32 `ref_logps`, and `ref_KL_logps` when `with_kl`) or None (absent, unreadable or
+    of another shape: a stale or partial file is recomputed, never used)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        logger.warning("Ignoring unreadable reference cache %s (%s).", path, error)
+        return None
+    keys = ("ref_logps", "ref_KL_logps") if with_kl else ("ref_logps",)
+    if any(k not in saved or saved[k].shape != (n_rows,) for k in keys):
+        return None
+    return {k: saved[k] for k in keys}
+
+
+def save(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes `tensors` atomically (a temporary file renamed), so a concurrent reader never sees half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save({k: v.float().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def sequences(dataset: Dataset, completion_column: str, max_length: int | None) -> list[tuple[list[int], int]]:
+    """(prompt + completion ids, number of prompt tokens) per row, truncated at `max_length` as TRL's collator does."""
+    rows = []
+    for prompt, completion in zip(dataset["prompt_ids"], dataset[completion_column]):
+        ids = list(prompt) + list(completion)
+        if max_length is not None:
+            ids = ids[:max_length]
+        rows.append((ids, min(len(prompt), len(ids))))
+    return rows
+
+
+def sorted_pass(trainer, model, seqs: list[tuple[list[int], int]], token_budget: int, pad_id: int) -> torch.Tensor:
+    """Summed completion log-probs [len(seqs)] under `model` (the reference, inside the caller's no-grad context), in
+    batches of length-sorted sequences holding at most `token_budget` padded tokens (at least one row each)."""
+    device = trainer.accelerator.device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * len(seqs[order[end]][0]) <= token_budget:
+            end += 1
+        rows = order[start:end]
+        width = max(len(seqs[i][0]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        completion = torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            tokens, n_prompt = seqs[i]
+            ids[r, : len(tokens)] = torch.tensor(tokens)
+            mask[r, : len(tokens)] = 1
+            completion[r, n_prompt : len(tokens)] = 1
+        batch = {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "completion_mask": completion.to(device),
+        }
+        values = fast_path(trainer).sequence_logps(model, batch, _TARGET_KEYS)
+        if values is None:  # TRL's fused head on every position
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            per_token = model(**{k: batch[k] for k in _TARGET_KEYS[:2]}, labels=labels, fused_lm_head=True).log_probs
+            values = per_token[:, -(width - 1) :].sum(-1)
+        out[torch.tensor(rows)] = values.float().cpu()
+        start = end
+    return out
+
+
+def precompute(trainer, dataset, name: str, batch_size: int):
+    """`dataset` with `ref_logps` (and `ref_KL_logps` when `trainer.calculate_KL`) columns, read from the on-disk
+    cache or computed in one sorted pass over the target and KL sequences together and then saved. None where this
+    path does not apply (several processes, DeepSpeed, vision data, no tokenized columns): the caller runs TRL's."""
+    args = trainer.args
+    with_kl = bool(trainer.calculate_KL)
+    columns = ["prompt_ids", "completion_ids"] + (["KL_completion_ids"] if with_kl else [])
+    if (
+        not isinstance(dataset, Dataset)
+        or trainer.accelerator.num_processes > 1
+        or trainer.is_deepspeed_enabled
+        or getattr(trainer, "_is_vision_dataset", False)
+        or any(c not in dataset.column_names for c in columns)
+    ):
+        return None
+    path = None
+    model_hash = getattr(trainer, "_precompute_model_hash", None)
+    if getattr(args, "ref_cache", True) and model_hash:
+        settings = {
+            "model_class": type(trainer.accelerator.unwrap_model(trainer.ref_model or trainer.model)).__name__,
+            "bf16": bool(args.bf16),
+            "fp16": bool(args.fp16),
+            "max_length": args.max_length,
+            "with_kl": with_kl,
+        }
+        key = cache_key(model_hash, data_fingerprint(dataset, columns), settings)
+        path = os.path.join(getattr(args, "ref_cache_dir", None) or default_cache_dir(), f"{key}.pt")
+        cached = load(path, len(dataset), with_kl)
+        if cached is not None:
+            logger.warning("Reference log-probs for the %s set: cache hit, read from %s", name, path)
+            return _with_columns(dataset, cached)
+    started = time.perf_counter()
+    seqs = sequences(dataset, "completion_ids", args.max_length)
+    if with_kl:
+        seqs += sequences(dataset, "KL_completion_ids", args.max_length)
+    budget = batch_size * max(len(s[0]) for s in seqs)  # never more padded tokens per call than TRL's widest batch
+    pad_id = getattr(trainer._tokenizer, "pad_token_id", None)
+    with trainer._reference() as model, trainer.accelerator.autocast():
+        values = sorted_pass(trainer, model, seqs, budget, pad_id or 0)
+    tensors = {"ref_logps": values[: len(dataset)]}
+    if with_kl:
+        tensors["ref_KL_logps"] = values[len(dataset) :]
+    seconds = time.perf_counter() - started
+    if path is None:
+        logger.warning("Reference log-probs for the %s set computed in %.1f s (cache off).", name, seconds)
+    elif trainer.accelerator.is_main_process:
+        save(path, tensors)
+        logger.warning(
+            "Reference log-probs for the %s set: cache miss, computed in %.1f s, saved to %s", name, seconds, path
+        )
+    return _with_columns(dataset, tensors)
+
+
+def _with_columns(dataset: Dataset, tensors: dict[str, torch.Tensor]) -> Dataset:
+    for column, values in tensors.items():
+        if column in dataset.column_names:
+            dataset = dataset.remove_columns(column)
+        dataset = dataset.add_column(column, values.float().numpy())
+    return dataset

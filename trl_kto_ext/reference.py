@@ -1,0 +1,118 @@
+"""The true reference of a full fine-tune whose reference log-probs are cached: a frozen copy kept in host memory."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+
+import torch
+from accelerate.utils import is_peft_model
+
+
+def host_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen deep copy of `model` whose parameters and buffers live in host (CPU) memory.
+
+    Each tensor is copied straight to the CPU, so making the copy never holds a second set of weights on the
+    accelerator. Forwards that TRL's fused LM head set on the instances are dropped (a deep copy would keep closures
+    over the original's forward, i.e. compute with the trained weights); the caller adds a fused head of its own.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if id(tensor) not in memo:
+            cpu = tensor.detach().to("cpu", copy=True)
+            memo[id(tensor)] = (
+                torch.nn.Parameter(cpu, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else cpu
+            )
+    clone = copy.deepcopy(model, memo)
+    for module in clone.modules():
+        module.__dict__.pop("forward", None)
+    return clone.eval().requires_grad_(False)
+
+
+def _place(model: torch.nn.Module, device_of) -> None:
+    """Moves every parameter and buffer of `model` to `device_of(qualified_name)`, in place (tied weights once)."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                param.data = param.data.to(device_of(prefix + name))
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device_of(prefix + name))
+
+
+class HostReference:
+    """The policy as it was when this object was made, kept in host memory and moved to the policy's devices (tensor
+    by tensor, so a model spread over several devices keeps its layout) only while a pass needs it.
+
+    Costs one copy of the weights in host memory, none on the accelerator between passes.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = host_copy(model)
+        self._devices = {
+            name: t.device
+            for name, t in itertools.chain(
+                model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
+            )
+        }
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def on_device(self):
+        """Yields the reference model on the policy's devices; back in host memory when the outermost use ends."""
+        if self._depth == 0:
+            _place(self.model, lambda name: self._devices.get(name, torch.device("cpu")))
+        self._depth += 1
+        try:
+            yield self.model
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                _place(self.model, lambda name: torch.device("cpu"))
+
+
+def can_keep_host_reference(trainer) -> bool:
+    """Whether a host copy of the policy can be the reference of a full fine-tune: not under DeepSpeed/FSDP, whose
+    sharded weights cannot simply be copied, nor for a quantized model."""
+    model = trainer.model
+    return not (
+        is_peft_model(model)
+        or trainer.is_deepspeed_enabled
+        or trainer.is_fsdp_enabled
+        or getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+    )
+
+
+def check_reference_available(trainer, what: str) -> None:
+    """Raises a `RuntimeError` where a reference log-prob would come from the trained policy (full fine-tuning with
+    no reference kept, after the first update)."""
+    if (
+        trainer.ref_model is None
+        and trainer._host_reference is None
+        and not is_peft_model(trainer.model)
+        and trainer.state.global_step > 0
+    ):
+        raise RuntimeError(
+            f"Cannot compute {what} after training has started: `precompute_ref_log_probs=True` with full "
+            "fine-tuning kept no reference model here (DeepSpeed, FSDP or a quantized model), and the policy has been "
+            "updated, so it is no longer the reference. Give the dataset as `eval_dataset` when building the "
+            "trainer, pass an explicit `ref_model`, or set `precompute_ref_log_probs=False`."
+        )
+
+
+@contextlib.contextmanager
+def reference_for_pass(trainer):
+    """During an evaluation or prediction pass the reference kept in host memory is on the device and is the
+    trainer's `ref_model`, so TRL's precompute and checks use it rather than the policy."""
+    if trainer.ref_model is not None or trainer._host_reference is None:
+        yield
+        return
+    with trainer._host_reference.on_device() as ref:
+        trainer.ref_model = ref
+        try:
+            yield
+        finally:
+            trainer.ref_model = None
