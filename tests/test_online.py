@@ -284,6 +284,10 @@ def test_cli_config_smoke_run(tiny_default, tmp_path, capsys):
         assert entry["online/desirable_share"] == pytest.approx(entry["count/desirable"] / n)
         assert entry["online/rewards/exact_answer_reward"] == pytest.approx(entry["count/desirable"] / n)
     assert (out / "training_curves.png").is_file()
+    card = (out / "README.md").read_text()
+    last = logs[-1]  # the card's lambda and counts are those of the last step's window
+    assert f"λ_D = {last['lambda_D']:.6g}, λ_U = 1, n_D = {last['window/n_desirable']:.0f}" in card
+    assert "trl-kto-ext online --config" in card
 
 
 # ------------------------------------------------------------------------------------------------------- loss

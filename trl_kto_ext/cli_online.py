@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments
 
 from .cli import (
+    HELP_GROUPS,
+    HELP_TEXTS,
     PROG,
     TINY_DATASET,
     TINY_MODEL,
     _fail,
-    _HelpFormatter,
     _Parser,
+    as_flags,
     format_config,
     get_kbit_device_map,
     parse_args,
     resolve_model_path,
 )
+from .cli_help import HelpAllAction, HelpFormatter, group_options
 from .online_config import OnlineKTOConfig
 
 DESCRIPTION = f"""Online KTO (OnlineKTOTrainer): sample completions from the policy, label them with reward functions,
@@ -48,12 +53,34 @@ class OnlineScriptArguments(ScriptArguments):
     )
 
 
+ONLINE_GROUP = (
+    "reward_funcs reward_weights label_mode desirable_threshold num_generations max_completion_length temperature "
+    "top_p top_k loss_aversion_window prompt_column tiny_train_prompts"
+)
+OTHER_GROUP = "all other options (transformers TrainingArguments, TRL KTOConfig)"
+
+
 def make_parser(prog: str | None = f"{PROG} online") -> _Parser:
+    """TrlParser over (OnlineScriptArguments, OnlineKTOConfig, ModelConfig); --help lists the online options first."""
     parser = _Parser(
-        (OnlineScriptArguments, OnlineKTOConfig, ModelConfig), prog=prog, description=DESCRIPTION, allow_abbrev=False
+        (OnlineScriptArguments, OnlineKTOConfig, ModelConfig), prog=prog, usage=f"{prog} [--config FILE] [--OPTION VALUE ...]",
+        description=DESCRIPTION, allow_abbrev=False, formatter_class=HelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--help-all", "--help_all", action=HelpAllAction, help="Show every option and exit.")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file of `option: value` lines (any option below); flags override it."
     )
-    parser.formatter_class = _HelpFormatter
-    parser.add_argument("--print-config", "--print_config", action="store_true", help="Print the config and exit.")
+    parser.add_argument(
+        "--print-config", "--print_config", action="store_true", help="Print the resolved config as YAML and exit."
+    )
+    groups = {"online KTO": ONLINE_GROUP}
+    online = set(ONLINE_GROUP.split())
+    for title, names in HELP_GROUPS.items():
+        kept = [n for n in names.split() if n not in online and n not in ("prompt_column",)]
+        if title == "data":
+            kept = [n for n in kept if n in {f.name for f in fields(OnlineScriptArguments)}]
+        groups[title] = " ".join(kept)
+    group_options(parser, groups, OTHER_GROUP, HELP_TEXTS, more=f"run `{PROG} online --help-all` to list them")
     return parser
 
 
@@ -95,8 +122,8 @@ def load_prompt_dataset(script_args, seed: int):
     return dataset, None
 
 
-def train(script_args, training_args, model_args) -> str:
-    """Run online KTO as configured; returns the output_dir."""
+def train(script_args, training_args, model_args, command: list[str] | None = None) -> str:
+    """Run online KTO as configured; returns the output_dir. `command` (argv) is recorded in the model card."""
     import torch
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
@@ -126,7 +153,12 @@ def train(script_args, training_args, model_args) -> str:
             quantization_config=quantization_config,
         )  # fmt: skip
     except ValueError as err:  # a reward function that cannot be imported, a dataset without prompts, ...
-        _fail(str(err))
+        _fail(as_flags(str(err)))
+    trainer.model_card_info = {  # read by trainer.create_model_card (checkpoints and the final card)
+        "dataset_name": script_args.dataset_name,
+        "command": command,
+        "config": format_config(script_args, training_args, model_args),
+    }
     main_process = trainer.is_world_process_zero()
     if heldout is not None and main_process:
         from .tiny import greedy_accuracy
@@ -136,6 +168,7 @@ def train(script_args, training_args, model_args) -> str:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
+    card = trainer.create_model_card()  # README.md: base model, data, settings, final metrics, command
     if main_process:
         if heldout is not None:
             after = greedy_accuracy(trainer.model, tokenizer, *heldout)
@@ -143,6 +176,7 @@ def train(script_args, training_args, model_args) -> str:
         plot = plot_training(training_args.output_dir)
         out = os.path.abspath(training_args.output_dir)
         print(f"Outputs in {out}:\n  final model + tokenizer: {out}\n  training curves: {os.path.abspath(plot)}")
+        print(f"  model card: {os.path.abspath(card)}")
     torch.set_num_threads(threads)
     return training_args.output_dir
 
@@ -153,5 +187,5 @@ def main(argv: list[str] | None = None) -> int:
     if print_config:
         print(format_config(script_args, training_args, model_args), end="")
         return 0
-    train(script_args, training_args, model_args)
+    train(script_args, training_args, model_args, command=[PROG, "online", *argv])
     return 0

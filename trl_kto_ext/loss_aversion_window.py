@@ -25,6 +25,7 @@ class RollingLossAversion:
         self._manual = (float(desirable_weight), float(undesirable_weight))
         self._counts: deque[tuple[int, int]] = deque(maxlen=self.window)
         self._weights = self._manual if mode == "manual" else (1.0, 1.0)
+        self.last: LossAversion | None = None  # the weights and window counts of the latest step
 
     def update(self, n_desirable: int, n_undesirable: int) -> LossAversion:
         """Adds one step's counts; returns the weights for that step with the window's counts."""
@@ -34,7 +35,8 @@ class RollingLossAversion:
         if self.mode == "auto" and n_d > 0 and n_u > 0:
             resolved = resolve_loss_aversion(n_d, n_u, mode="auto", target=self.target)
             self._weights = (resolved.desirable_weight, resolved.undesirable_weight)
-        return LossAversion(*self._weights, n_d, n_u, self.mode)
+        self.last = LossAversion(*self._weights, n_d, n_u, self.mode)
+        return self.last
 
     def state_dict(self) -> dict:
         return {"counts": [list(c) for c in self._counts], "weights": list(self._weights)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+
 import json
 import math
 import os
@@ -12,13 +14,24 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import _tokenize, is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 
+from .loss_aversion import LossAversion
 from .loss_aversion_window import RollingLossAversion
 from .online_config import OnlineKTOConfig
 from .rewards import call_reward_func, combine_rewards, label_rewards, load_reward_funcs, reward_func_name
-from .trainer import KTOExtTrainer
+from .trainer import KTOExtTrainer, _attribute
 
 # Dataset columns that are not passed to reward functions as keyword arguments (GRPOTrainer's list).
 _NOT_REWARD_KWARGS = ("prompt", "completion", "completion_ids", "prompts", "completions")
+
+
+class _WindowLossAversion(LossAversion):
+    """The latest window's weights and counts, for the model card: its ratio is NaN while a count is 0."""
+
+    __slots__ = ()
+
+    @property
+    def ratio(self) -> float:
+        return super().ratio if self.n_desirable > 0 and self.n_undesirable > 0 else float("nan")
 
 
 def _rows(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -294,6 +307,14 @@ class OnlineKTOTrainer(KTOExtTrainer):
             loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return (loss, None) if return_outputs else loss
         return super()._compute_loss(model, inputs, return_outputs)
+
+    def create_model_card(self, *args, **kwargs):
+        # The card reports lambda_D / lambda_U with the counts they came from: here, the last step's window.
+        last = self.lambda_window.last or LossAversion(
+            self.desirable_weight, self.undesirable_weight, 0, 0, self.args.loss_aversion
+        )
+        with _attribute(self, "loss_aversion", _WindowLossAversion(*last)):
+            return super().create_model_card(*args, **kwargs)
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
