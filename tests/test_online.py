@@ -389,3 +389,19 @@ def test_resume_continues_the_same_samples_and_lambda_window(tiny_default, tmp_p
     assert len(steps_3_4(full)) == 2
     assert steps_3_4(resumed) == steps_3_4(full)  # lambda of step 3 depends on the window restored from the checkpoint
     assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
+
+
+def test_compare_script_quick(tiny_default, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("online_compare", ROOT / "scripts" / "online_compare.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--quick", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "online.json").read_text())
+    assert set(summary["table"]) == {"online_kto", "offline_kto", "grpo"}
+    for method, row in summary["table"].items():
+        runs = [r for r in summary["runs"] if r["method"] == method]
+        assert row["heldout_per_seed"] == [r["heldout_accuracy"] for r in runs]
+        assert all(r["seconds"] > 0 for r in runs)
+    assert (tmp_path / "online.png").stat().st_size > 0
