@@ -21,13 +21,12 @@ def load_reward_funcs(reward_funcs, model_init_kwargs: dict[str, Any] | None = N
     or the name/path of one (loaded with `AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)`, as
     TRL's GRPOTrainer does). Raises ValueError for an empty list and for a string that is neither.
     """
-    if reward_funcs is None or (isinstance(reward_funcs, Sequence) and not isinstance(reward_funcs, str) and
-                                len(reward_funcs) == 0):  # fmt: skip
+    items = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+    if reward_funcs is None or not items:
         raise ValueError(
             "Online KTO needs at least one reward function (`reward_funcs`): a callable "
             "`f(prompts, completions, **kwargs) -> list[float]`, a dotted path to one, or a reward model."
         )
-    items = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
     return [_load_one(item, model_init_kwargs or {}) for item in items]
 
 
