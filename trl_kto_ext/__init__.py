@@ -18,6 +18,8 @@ _LAZY = {
     "KTOLossMetrics": "trl_kto_ext.loss",
     "resolve_loss_aversion": "trl_kto_ext.loss_aversion",
     "LossAversion": "trl_kto_ext.loss_aversion",
+    "OnlineKTOConfig": "trl_kto_ext.online_config",
+    "OnlineKTOTrainer": "trl_kto_ext.online",
 }
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "KTOLossMetrics",
     "KTOLossOutput",
     "LossAversion",
+    "OnlineKTOConfig",
+    "OnlineKTOTrainer",
     "__version__",
     "kto_loss",
     "resolve_loss_aversion",
@@ -37,6 +41,8 @@ if TYPE_CHECKING:
     from .config import KTOExtConfig
     from .loss import KTOLossMetrics, KTOLossOutput, kto_loss
     from .loss_aversion import LossAversion, resolve_loss_aversion
+    from .online import OnlineKTOTrainer
+    from .online_config import OnlineKTOConfig
     from .trainer import KTOExtTrainer
 
 

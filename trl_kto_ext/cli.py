@@ -483,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plot":
         return plot_main(argv[1:])
+    if argv and argv[0] == "online":  # online KTO: its own options (trl_kto_ext/cli_online.py)
+        from .cli_online import main as online_main
+
+        return online_main(argv[1:])
     script_args, training_args, model_args, print_config = parse_args(argv)
     if print_config:
         print(format_config(script_args, training_args, model_args), end="")

@@ -413,3 +413,24 @@ def build_tiny_default(
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------- online KTO
+def exact_answer_reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+    """Verifier of the addition task for online training: 1.0 when a completion is the right answer to its "a+b="
+    prompt (plain or chat form, whitespace ignored; the same check as `greedy_accuracy`), else 0.0.
+
+    Follows TRL's reward-function signature (`prompts`, `completions`, extra columns as keyword arguments).
+    """
+    return [1.0 if is_correct(p, c) else 0.0 for p, c in zip(prompts, completions, strict=True)]
+
+
+def make_prompt_dataset(
+    prompts: Sequence[str] | None = None, split: str = "train", conversational: bool = False
+) -> Dataset:
+    """A prompt dataset (`prompt`, `answer`) for online training: the given "a+b=" prompts, or every prompt of
+    `split` (the held-out prompts are never in the train split)."""
+    texts = list(prompts) if prompts is not None else [format_prompt(a, b) for a, b in _pairs(split)]
+    answers = [str(sum(int(x) for x in p.rstrip("=").split("+"))) for p in texts]
+    rows = [_message("user", p) for p in texts] if conversational else texts
+    return Dataset.from_dict({"prompt": rows, "answer": answers})

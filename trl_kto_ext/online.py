@@ -1,0 +1,337 @@
+"""OnlineKTOTrainer: sample from the current policy, label the samples with reward functions, train with KTO."""
+
+from __future__ import annotations
+
+from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from trl.data_utils import _tokenize, is_conversational
+from trl.models.utils import disable_gradient_checkpointing
+
+from .loss_aversion import LossAversion
+from .loss_aversion_window import RollingLossAversion
+from .online_config import OnlineKTOConfig
+from .rewards import call_reward_func, combine_rewards, label_rewards, load_reward_funcs, reward_func_name
+from .trainer import KTOExtTrainer, _attribute
+
+# Dataset columns that are not passed to reward functions as keyword arguments (GRPOTrainer's list).
+_NOT_REWARD_KWARGS = ("prompt", "completion", "completion_ids", "prompts", "completions")
+
+
+class _WindowLossAversion(LossAversion):
+    """The latest window's weights and counts, for the model card: its ratio is NaN while a count is 0."""
+
+    __slots__ = ()
+
+    @property
+    def ratio(self) -> float:
+        return super().ratio if self.n_desirable > 0 and self.n_undesirable > 0 else float("nan")
+
+
+def _rows(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Collate function of the prompt dataloader: the raw rows; sampling and collation happen in `_prepare_inputs`."""
+    return features
+
+
+def check_prompt_dataset(dataset, name: str) -> None:
+    """A prompt dataset: a `prompt` column of strings or lists of chat messages. Raises ValueError naming the fix."""
+    if dataset is None:
+        if name == "train":
+            raise ValueError("Online KTO needs a `train_dataset` of prompts (a `prompt` column).")
+        return
+    if isinstance(dataset, IterableDataset):
+        first = next(iter(dataset), None)
+        columns, prompts = (list(first) if first else []), ([first["prompt"]] if first and "prompt" in first else [])
+    elif isinstance(dataset, Dataset):
+        columns = dataset.column_names
+        prompts = dataset["prompt"] if "prompt" in columns else []
+    else:
+        raise ValueError(f"The {name} dataset must be a datasets.Dataset or IterableDataset, got {type(dataset)}.")
+    if "prompt" not in columns:
+        raise ValueError(
+            f"The {name} dataset has no `prompt` column (columns: {columns}): online KTO samples its completions "
+            "from the prompts. Rename the column holding them, e.g. `dataset.rename_column('question', 'prompt')`."
+        )
+    if len(prompts) == 0:
+        raise ValueError(f"The {name} dataset has 0 prompts: there is nothing to sample from.")
+    for row, prompt in enumerate(prompts):
+        chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)
+        if not (chat or (isinstance(prompt, str) and prompt.strip())):
+            raise ValueError(
+                f"Row {row} of the {name} dataset has prompt {prompt!r}: a prompt must be non-empty text or a list of "
+                "{'role': ..., 'content': ...} messages."
+            )
+
+
+class OnlineKTOTrainer(KTOExtTrainer):
+    """Online KTO: at each step, sample `num_generations` completions per prompt from the current policy, label them
+    with the reward functions, and take one KTO step on these rows.
+
+    The rows go through the offline pieces unchanged: [`KTOExtCollator`] builds the KL rows (each prompt with a
+    completion sampled for a *different* prompt), [`kto_loss`] is the loss, and lambda_D/lambda_U follow the label
+    counts of the last `loss_aversion_window` steps ([`RollingLossAversion`]). The reference is `ref_model`, a frozen
+    copy of the initial model, or the base model with adapters off (PEFT). Arguments follow TRL's GRPOTrainer:
+
+    Args:
+        model: a model or a model path (as for [`KTOExtTrainer`]).
+        reward_funcs: a callable `f(prompts, completions, completion_ids, **columns) -> list[float]`, a dotted path to
+            one, a sequence-classification reward model (object or path), or a list of these (summed with
+            `args.reward_weights`). Every dataset column other than `prompt` reaches callables as a keyword argument
+            (one value per completion), with `trainer_state`.
+        args: an [`OnlineKTOConfig`].
+        train_dataset: prompts (a `prompt` column, plain text or chat messages), plus any columns the rewards need.
+        reward_processing_classes: tokenizers of the reward models (loaded from the model's path when None).
+
+    Raises:
+        ValueError: for a dataset without prompts, bad settings (see [`OnlineKTOConfig`]), and a reward function whose
+            output has the wrong length, a NaN or a non-number; RuntimeError for an exception inside one.
+    """
+
+    def __init__(self, model, reward_funcs, args: OnlineKTOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, ref_model=None, **kwargs):  # fmt: skip
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = OnlineKTOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-OnlineKTO")
+        if not isinstance(args, OnlineKTOConfig):
+            raise TypeError(f"`args` must be an OnlineKTOConfig, got {type(args).__name__}.")
+        if kwargs.get("data_collator") is not None:
+            raise ValueError(
+                "OnlineKTOTrainer collates the rows it samples with KTOExtCollator (the KL pairing across prompts); "
+                "a custom `data_collator` is not supported. Leave it unset."
+            )
+        check_prompt_dataset(train_dataset, "train")
+        check_prompt_dataset(eval_dataset, "eval")
+        self.reward_funcs = load_reward_funcs(reward_funcs, args.model_init_kwargs)
+        self.reward_func_names = [reward_func_name(f) for f in self.reward_funcs]
+        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"{len(weights)} reward_weights for {len(self.reward_funcs)} reward functions "
+                f"({', '.join(self.reward_func_names)}): give one weight per function."
+            )
+        self.reward_weights = weights
+        self.reward_processing_classes = self._reward_tokenizers(reward_processing_classes)
+        super().__init__(model, ref_model=ref_model, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)  # fmt: skip
+        # The KTO collator builds the KL rows from the sampled rows; the dataloader only hands over prompt rows.
+        self.kl_collator = self.data_collator
+        self.kl_collator.fallback_dataset = None  # the prompt dataset holds no completions to fall back on
+        self.data_collator = _rows
+        self.loss_aversion = None  # per step, from the rolling window (logged with the step's metrics)
+        self.lambda_window = RollingLossAversion(
+            args.loss_aversion_window, args.loss_aversion, args.loss_aversion_target,
+            args.desirable_weight, args.undesirable_weight,
+        )  # fmt: skip
+        self.desirable_weight, self.undesirable_weight = (
+            (args.desirable_weight, args.undesirable_weight) if args.loss_aversion == "manual" else (1.0, 1.0)
+        )
+        for i, func in enumerate(self.reward_funcs):
+            if isinstance(func, torch.nn.Module):
+                self.reward_funcs[i] = func.to(self.accelerator.device).eval().requires_grad_(False)
+
+    def _reward_tokenizers(self, given):
+        from transformers import AutoTokenizer
+
+        given = list(given) if isinstance(given, list | tuple) else [given] * len(self.reward_funcs)
+        if len(given) != len(self.reward_funcs):
+            raise ValueError(f"{len(given)} reward_processing_classes for {len(self.reward_funcs)} reward functions.")
+        tokenizers = []
+        for func, tok in zip(self.reward_funcs, given):
+            if isinstance(func, torch.nn.Module):
+                tok = tok or AutoTokenizer.from_pretrained(func.config._name_or_path)
+                if tok.pad_token_id is None:  # as GRPOTrainer: the batch of texts is padded (right) with EOS
+                    tok.pad_token = tok.eos_token
+                func.config.pad_token_id = tok.pad_token_id  # the classifier reads the last non-pad token
+            tokenizers.append(tok if isinstance(func, torch.nn.Module) else None)
+        return tokenizers
+
+    # ----------------------------------------------------------------------------------------------- data set-up
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        check_prompt_dataset(dataset, dataset_name)  # prompts stay text: they are tokenized when sampled
+        return dataset
+
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset  # every column may be a reward function's keyword argument
+
+    def _get_dataloader(self, *args, **kwargs):
+        # The batch sizes count completions (GRPO's convention): load batch_size / num_generations prompts.
+        kwargs["batch_size"] = max(1, kwargs["batch_size"] // self.args.num_generations)
+        return super()._get_dataloader(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _prepare_inputs(self, inputs):
+        if isinstance(inputs, dict):  # an already collated batch
+            return super()._prepare_inputs(inputs)
+        examples = self.sample(inputs)
+        labelled = [ex for ex in examples if ex["label"] is not None]
+        if not labelled:
+            return {"no_preference": True}
+        batch = self.kl_collator([{k: ex[k] for k in ("prompt_ids", "completion_ids", "label")} for ex in labelled])
+        return super()._prepare_inputs(batch)
+
+    def tokenize_prompt(self, prompt) -> list[int]:
+        """Prompt token ids as the offline trainer tokenizes them (chat template with the generation prompt)."""
+        if is_conversational({"prompt": prompt}):
+            return _tokenize(self.processing_class, prompt, add_generation_prompt=True)["input_ids"]
+        return _tokenize(self.processing_class, prompt)["input_ids"]
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """`num_generations` sampled completions per prompt, prompt-major ([P * G] lists of ids, each ending at its
+        first EOS, which is kept; a completion cut by `max_completion_length` has none)."""
+        args, tok = self.args, self._tokenizer
+        model = self.accelerator.unwrap_model(self.model)
+        device = self.accelerator.device
+        width = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in prompt_ids], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompt_ids], device=device)
+        eos = model.generation_config.eos_token_id
+        eos = {tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        was_training = model.training
+        model.eval()
+        try:
+            with disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_completion_length,
+                    num_return_sequences=args.num_generations, pad_token_id=tok.pad_token_id,
+                    eos_token_id=sorted(eos), use_cache=True,
+                )  # fmt: skip
+        finally:
+            model.train(was_training)
+        completions = []
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            completions.append(row[:end])
+        return completions
+
+    def sample(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Samples, scores and labels completions for a batch of prompt rows.
+
+        Returns one dict per completion (prompt-major, `num_generations` per prompt) with `prompt`, `completion`
+        (text, or an assistant message for chat prompts), `prompt_ids`, `completion_ids`, `reward` (weighted sum),
+        `rewards` (per function) and `label` (True/False, None when left out by `"relative"` labels), and records the
+        step's sampling metrics.
+        """
+        args, group = self.args, self.args.num_generations
+        prompts = [row["prompt"] for row in rows]
+        prompt_ids = [self.tokenize_prompt(p) for p in prompts]
+        completion_ids = self.generate(prompt_ids)
+        texts = self._tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        chat = is_conversational({"prompt": prompts[0]})
+        completions = [[{"role": "assistant", "content": t}] if chat else t for t in texts]
+        all_prompts = [p for p in prompts for _ in range(group)]
+        columns = [k for k in rows[0] if k not in _NOT_REWARD_KWARGS]
+        kwargs = {k: [row[k] for row in rows for _ in range(group)] for k in columns}
+        per_func = [
+            self._reward_model_scores(i, all_prompts, completions)
+            if isinstance(func, torch.nn.Module)
+            else call_reward_func(
+                func, name, all_prompts, completions, completion_ids, trainer_state=self.state, **kwargs
+            )  # fmt: skip
+            for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names))
+        ]
+        rewards = combine_rewards(per_func, self.reward_weights, self.reward_func_names, all_prompts)
+        labels = label_rewards(rewards, group, args.label_mode, args.desirable_threshold)
+        examples = [
+            {
+                "prompt": p,
+                "completion": c,
+                "prompt_ids": prompt_ids[i // group],
+                "completion_ids": ids,
+                "reward": r,
+                "rewards": [f[i] for f in per_func],
+                "label": lab,
+            }  # fmt: skip
+            for i, (p, c, ids, r, lab) in enumerate(zip(all_prompts, completions, completion_ids, rewards, labels))
+        ]
+        self._record_sampling(examples, per_func)
+        return examples
+
+    @torch.no_grad()
+    def _reward_model_scores(self, index: int, prompts: list, completions: list) -> list[float]:
+        model, tokenizer = self.reward_funcs[index], self.reward_processing_classes[index]
+        if is_conversational({"prompt": prompts[0]}):
+            texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        scores = model(**{k: v.to(self.accelerator.device) for k, v in inputs.items()}).logits[:, 0].float().tolist()
+        name = self.reward_func_names[index]
+        return call_reward_func(lambda **_: scores, name, prompts, completions, [[]] * len(prompts))
+
+    def _record_sampling(self, examples: list[dict[str, Any]], per_func: list[list[float | None]]) -> None:
+        """Rewards, desirable share and, in training, this step's lambda_D/lambda_U from the rolling window."""
+        mode = "train" if self.model.training else "eval"
+        m = self._metrics[mode]
+        labels = [ex["label"] for ex in examples if ex["label"] is not None]
+        n_d, n_u = sum(labels), len(labels) - sum(labels)
+        rewards = [ex["reward"] for ex in examples]
+        mean = math.fsum(rewards) / len(rewards)
+        m["online/reward"].append(mean)
+        m["online/reward_std"].append(math.sqrt(math.fsum((r - mean) ** 2 for r in rewards) / len(rewards)))
+        for name, values in zip(self.reward_func_names, per_func):
+            scored = [v for v in values if v is not None]
+            if scored:
+                m[f"online/rewards/{name}"].append(math.fsum(scored) / len(scored))
+        m["online/completion_length"].append(sum(len(ex["completion_ids"]) for ex in examples) / len(examples))
+        if labels:
+            m["online/desirable_share"].append(n_d / len(labels))
+        m["count/left_out"].append(len(examples) - len(labels))
+        if mode != "train":
+            return
+        if self.accelerator.num_processes > 1:  # every process weighs its rows with the same, global, counts
+            summed = self.accelerator.reduce(torch.tensor([n_d, n_u], device=self.accelerator.device), reduction="sum")
+            n_d, n_u = summed.tolist()
+        resolved = self.lambda_window.update(n_d, n_u)
+        self.desirable_weight, self.undesirable_weight = resolved.desirable_weight, resolved.undesirable_weight
+        m["lambda_D"].append(resolved.desirable_weight)
+        m["lambda_U"].append(resolved.undesirable_weight)
+        m["window/n_desirable"].append(resolved.n_desirable)
+        m["window/n_undesirable"].append(resolved.n_undesirable)
+        if resolved.n_desirable > 0 and resolved.n_undesirable > 0:
+            m["loss_aversion_ratio"].append(resolved.ratio)
+
+    # ------------------------------------------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs, return_outputs):
+        if inputs.get("no_preference"):
+            # Every sampled group tied ("relative" labels): nothing to learn from; zero loss and gradient, counted.
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["skipped/no_preference_steps"].append(1)
+            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            return (loss, None) if return_outputs else loss
+        return super()._compute_loss(model, inputs, return_outputs)
+
+    def create_model_card(self, *args, **kwargs):
+        # The card reports lambda_D / lambda_U with the counts they came from: here, the last step's window.
+        last = self.lambda_window.last or LossAversion(
+            self.desirable_weight, self.undesirable_weight, 0, 0, self.args.loss_aversion
+        )
+        with _attribute(self, "loss_aversion", _WindowLossAversion(*last)):
+            return super().create_model_card(*args, **kwargs)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "online_kto_state.json"), "w") as f:
+            json.dump({"lambda_window": self.lambda_window.state_dict(), "kl_pairing": _jsonable(self.kl_collator)}, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint or "", "online_kto_state.json")
+        if checkpoint and os.path.isfile(path):
+            with open(path) as f:
+                state = json.load(f)
+            self.lambda_window.load_state_dict(state["lambda_window"])
+            self.kl_collator.load_state_dict(state["kl_pairing"])
+
+
+def _jsonable(collator) -> dict:
+    state = collator.state_dict()
+    return {"rng_state": state["rng_state"], "history": [[list(k), c] for k, c in state["history"]]}

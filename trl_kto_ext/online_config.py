@@ -1,0 +1,104 @@
+"""OnlineKTOConfig: KTOExtConfig plus the sampling, reward and labelling settings of online KTO."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import KTOExtConfig
+from .rewards import LABEL_MODES
+
+
+@dataclass
+class OnlineKTOConfig(KTOExtConfig):
+    r"""
+    Configuration for [`OnlineKTOTrainer`]. Every field of [`KTOExtConfig`] keeps its meaning (beta, loss aversion,
+    pairing seed, LoRA/QLoRA through the trainer's `peft_config`, logging); the names of the sampling fields follow
+    TRL's `GRPOConfig`.
+
+    `per_device_train_batch_size` counts completions, as in GRPO: each step samples
+    `per_device_train_batch_size / num_generations` prompts, `num_generations` completions each.
+
+    Args:
+        num_generations (`int`, defaults to `4`):
+            Completions sampled per prompt at each step (>= 1; `"relative"` labels need >= 2).
+        max_completion_length (`int`, defaults to `64`):
+            Maximum number of generated tokens per completion.
+        temperature (`float`, defaults to `1.0`), top_p (`float`, defaults to `1.0`), top_k (`int`, defaults to `0`):
+            Sampling settings of `model.generate` (top_k 0: off).
+        reward_weights (`list[float]` or `None`):
+            Weight of each reward function in the summed reward (all 1 when None).
+        label_mode (`str`, defaults to `"threshold"`):
+            `"threshold"`: desirable iff reward >= `desirable_threshold` (verifiers, rules). `"relative"`: desirable
+            iff reward > the mean of the prompt's own samples; ties with the mean are undesirable, and a prompt whose
+            samples all have the same reward is left out of the step (it carries no preference).
+        desirable_threshold (`float`, defaults to `0.5`):
+            The threshold of `"threshold"` labels.
+        loss_aversion_window (`int`, defaults to `16`):
+            With `loss_aversion="auto"`, lambda_D = target * n_U / n_D over the labelled completions of the last
+            `loss_aversion_window` steps (the current one included), lambda_U = 1.
+    """
+
+    num_generations: int = field(default=4, metadata={"help": "Completions sampled per prompt at each step."})
+    max_completion_length: int = field(default=64, metadata={"help": "Maximum generated tokens per completion."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability mass (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each reward function in the summed reward (all 1 when unset)."}
+    )
+    label_mode: str = field(
+        default="threshold",
+        metadata={
+            "help": "'threshold': desirable iff reward >= desirable_threshold. 'relative': desirable iff reward > the "
+            "mean reward of the prompt's own samples (ties undesirable; all-equal groups left out).",
+            "choices": list(LABEL_MODES),
+        },
+    )
+    desirable_threshold: float = field(
+        default=0.5, metadata={"help": "Reward at or above which a sample is desirable."}
+    )
+    loss_aversion_window: int = field(
+        default=16, metadata={"help": "Steps whose label counts set lambda_D in 'auto' loss aversion."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.num_generations, int) or self.num_generations < 1:
+            raise ValueError(
+                f"`num_generations` must be an integer >= 1 (completions sampled per prompt), got "
+                f"{self.num_generations!r}."
+            )
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"`label_mode` must be one of {LABEL_MODES}, got {self.label_mode!r}.")
+        if self.label_mode == "relative" and self.num_generations < 2:
+            raise ValueError(
+                "label_mode='relative' compares the samples of one prompt with each other and needs num_generations "
+                ">= 2; use label_mode='threshold' with a single sample per prompt."
+            )
+        size = self.per_device_train_batch_size
+        if size % self.num_generations:
+            raise ValueError(
+                f"`per_device_train_batch_size` ({size}) counts completions and must be a multiple of "
+                f"num_generations ({self.num_generations}): each prompt of a batch gets num_generations completions."
+            )
+        if self.loss_type != "apo_zero_unpaired" and self.per_device_train_batch_size // self.num_generations < 2:
+            raise ValueError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} with num_generations="
+                f"{self.num_generations} samples a single prompt per step, but the KL rows pair each prompt with a "
+                "completion sampled for a different prompt. Use per_device_train_batch_size >= 2 * num_generations."
+            )
+        if self.max_completion_length < 1:
+            raise ValueError(f"`max_completion_length` must be >= 1, got {self.max_completion_length}.")
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be positive, got {self.temperature}.")
+        if self.loss_aversion_window < 1:
+            raise ValueError(f"`loss_aversion_window` must be >= 1 step, got {self.loss_aversion_window}.")
+        if self.precompute_ref_log_probs:
+            raise ValueError(
+                "precompute_ref_log_probs cannot be used online: the completions are sampled during training, so there "
+                "is nothing to precompute. Leave it False."
+            )
+        if self.kl_pairing != "batch":
+            raise ValueError("Online KTO pairs the KL rows inside each sampled batch: `kl_pairing` must be 'batch'.")
+        if self.reward_weights is not None:
+            self.reward_weights = [float(w) for w in self.reward_weights]

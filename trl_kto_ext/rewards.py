@@ -1,0 +1,173 @@
+"""Reward functions of online KTO: loading (callable, dotted path, reward model), calling, checking and labelling."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+LABEL_MODES = ("threshold", "relative")
+
+
+def load_reward_funcs(reward_funcs, model_init_kwargs: dict[str, Any] | None = None) -> list[Any]:
+    """Reward functions as a list of callables and `nn.Module` reward models.
+
+    Each entry may be a callable, a dotted path to one (`"package.module.function"`), a sequence-classification model,
+    or the name/path of one (loaded with `AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)`, as
+    TRL's GRPOTrainer does). Raises ValueError for an empty list and for a string that is neither.
+    """
+    items = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+    if reward_funcs is None or not items:
+        raise ValueError(
+            "Online KTO needs at least one reward function (`reward_funcs`): a callable "
+            "`f(prompts, completions, **kwargs) -> list[float]`, a dotted path to one, or a reward model."
+        )
+    return [_load_one(item, model_init_kwargs or {}) for item in items]
+
+
+def _load_one(item, model_init_kwargs: dict[str, Any]):
+    if not isinstance(item, str):
+        if isinstance(item, torch.nn.Module) or callable(item):
+            return item
+        raise ValueError(f"A reward function must be a callable, a dotted path or a reward model; got {item!r}.")
+    module_name, _, attr = item.rpartition(".")
+    if module_name and "/" not in item and not os.path.exists(os.path.expanduser(item)):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(
+                f"Cannot import the reward function {item!r}: {err}. Give a dotted path `package.module.function` "
+                "importable from the current environment (e.g. trl_kto_ext.tiny.exact_answer_reward)."
+            ) from err
+        func = getattr(module, attr, None)
+        if not callable(func):
+            raise ValueError(f"Reward function {item!r}: module {module_name!r} has no callable named {attr!r}.")
+        return func
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(item, num_labels=1, **model_init_kwargs).eval()
+
+
+def reward_func_name(func) -> str:
+    """The name used in logs and messages: a model's name or path, else the function's `__name__`."""
+    if isinstance(func, torch.nn.Module):
+        return str(getattr(func.config, "_name_or_path", type(func).__name__)).rstrip("/").split("/")[-1]
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def call_reward_func(
+    func: Callable, name: str, prompts: list, completions: list, completion_ids: list[list[int]], **kwargs
+) -> list[float | None]:
+    """Calls one reward function on a batch and checks its output; returns one float (or None) per completion.
+
+    None means "this function does not score this completion" (as in TRL's GRPOTrainer); the caller requires some
+    function to score every completion. Raises ValueError naming `name` for an output of the wrong length, a NaN or
+    a non-number, and RuntimeError for an exception raised inside it, with the prompt and completion that trigger it.
+    """
+    n = len(completions)
+    try:
+        output = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+    except Exception as err:
+        row = _first_failing_row(func, prompts, completions, completion_ids, kwargs)
+        where = (
+            f"on prompt {prompts[row]!r} with completion {completions[row]!r}"
+            if row is not None
+            else f"on a batch of {n} completions (first prompt {prompts[0]!r}; no single completion reproduces it)"
+        )
+        raise RuntimeError(f"Reward function '{name}' raised {type(err).__name__}: {err} {where}.") from err
+    if isinstance(output, torch.Tensor):
+        output = output.tolist()
+    try:
+        values = list(output)
+    except TypeError:
+        raise ValueError(
+            f"Reward function '{name}' returned {type(output).__name__}, not a list: it must return one number per "
+            f"completion ({n} here)."
+        ) from None
+    if len(values) != n:
+        raise ValueError(
+            f"Reward function '{name}' returned {len(values)} rewards for {n} completions: it must return exactly "
+            "one reward per completion, in the order of `completions`."
+        )
+    checked = []
+    for i, value in enumerate(values):
+        if value is None:
+            checked.append(None)
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(value, numbers.Real):
+            raise ValueError(
+                f"Reward function '{name}' returned {value!r} ({type(value).__name__}) for completion {i} "
+                f"(prompt {prompts[i]!r}): rewards must be numbers (int, float or bool), or None to abstain."
+            )
+        value = float(value)
+        if math.isnan(value):
+            raise ValueError(
+                f"Reward function '{name}' returned NaN for completion {i} (prompt {prompts[i]!r}, completion "
+                f"{completions[i]!r}). Return a number, or None where the function does not apply."
+            )
+        checked.append(value)
+    return checked
+
+
+def _first_failing_row(func, prompts, completions, completion_ids, kwargs) -> int | None:
+    """Index of the first completion on which `func`, called on that completion alone, raises (None if none does)."""
+    for i in range(len(completions)):
+        row_kwargs = {
+            k: ([v[i]] if isinstance(v, list) and len(v) == len(completions) else v) for k, v in kwargs.items()
+        }
+        try:
+            func(prompts=[prompts[i]], completions=[completions[i]], completion_ids=[completion_ids[i]], **row_kwargs)
+        except Exception:
+            return i
+    return None
+
+
+def combine_rewards(per_func: list[list[float | None]], weights: Sequence[float], names: list[str], prompts) -> list:
+    """Weighted sum over functions of each completion's rewards; None entries are left out (GRPO's `nansum`).
+
+    Raises ValueError when no function scores a completion (every entry None).
+    """
+    totals = []
+    for i in range(len(per_func[0])):
+        scored = [(w, rewards[i]) for w, rewards in zip(weights, per_func) if rewards[i] is not None]
+        if not scored:
+            raise ValueError(
+                f"Every reward function ({', '.join(names)}) returned None for completion {i} (prompt "
+                f"{prompts[i]!r}): at least one must score each completion."
+            )
+        totals.append(sum(w * r for w, r in scored))
+    return totals
+
+
+def label_rewards(
+    rewards: Sequence[float], group_size: int, mode: str = "threshold", threshold: float = 0.5
+) -> list[bool | None]:
+    """Desirable (True) / undesirable (False) labels from rewards; None for a row left out.
+
+    `rewards` holds consecutive groups of `group_size` completions of one prompt each.
+    - `"threshold"`: desirable iff reward >= threshold (a verifier's 1/0 with threshold 0.5). No row is left out.
+    - `"relative"`: desirable iff reward > the mean reward of its own group; a reward equal to the mean (a tie) is
+      undesirable. A group whose rewards are all equal carries no preference and is left out (None for every row).
+    """
+    if mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {mode!r}.")
+    if len(rewards) % group_size:
+        raise ValueError(f"got {len(rewards)} rewards, not a multiple of the group size {group_size}.")
+    if mode == "threshold":
+        return [float(r) >= threshold for r in rewards]
+    labels: list[bool | None] = []
+    for start in range(0, len(rewards), group_size):
+        group = [float(r) for r in rewards[start : start + group_size]]
+        if max(group) == min(group):
+            labels.extend([None] * len(group))
+            continue
+        mean = math.fsum(group) / len(group)
+        labels.extend(r > mean for r in group)
+    return labels
