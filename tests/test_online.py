@@ -405,3 +405,21 @@ def test_compare_script_quick(tiny_default, tmp_path):
         assert row["heldout_per_seed"] == [r["heldout_accuracy"] for r in runs]
         assert all(r["seconds"] > 0 for r in runs)
     assert (tmp_path / "online.png").stat().st_size > 0
+
+
+def test_cli_prompt_loading_shares_the_offline_loader(tmp_path, monkeypatch):
+    """The online command reads prompts through the same loader as the offline one: CSV text as written, a renamed
+    prompt column, and a Hub id under HF_HUB_OFFLINE failing at once in one line."""
+    import datasets
+
+    from trl_kto_ext.cli_online import OnlineScriptArguments, load_prompt_dataset
+
+    path = tmp_path / "prompts.csv"
+    path.write_text("question,answer\n007,7\n18+9,27\n")
+    args = OnlineScriptArguments(dataset_name=str(path), prompt_column="question")
+    prompts, heldout = load_prompt_dataset(args, seed=0)
+    assert heldout is None
+    assert prompts["prompt"] == ["007", "18+9"]  # text as written, not the numbers 7 and 18
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match=r"could not load the prompts from 'my-org/missing-prompts'.*HF_HUB_OFFLINE"):
+        load_prompt_dataset(OnlineScriptArguments(dataset_name="my-org/missing-prompts"), seed=0)

@@ -8,7 +8,6 @@ import contextlib
 import difflib
 import enum
 import inspect
-import json
 import os
 import re
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 import yaml
 
 from .cli_help import GroupedHelpMixin, HelpAllAction, HelpFormatter, group_options
-from .peft_utils import check_kbit_backend, without_bitsandbytes
+from .peft_utils import without_bitsandbytes
 
 with without_bitsandbytes():  # peft (through TrainingArguments) would import it; train() does when 4/8-bit is set
     from trl import ModelConfig, ScriptArguments, TrlParser
@@ -405,72 +404,23 @@ def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:
 
 def train(script_args, training_args, model_args, command: list[str] | None = None) -> str:
     """Run KTO training as configured; returns the output_dir. `command` (argv) is recorded in the model card."""
-    import torch
-    from transformers import AutoTokenizer
-    from trl import get_peft_config, get_quantization_config
-
-    from .plotting import plot_training
+    from .cli_run import build_trainer, load_model_inputs, threads_for, train_and_report
     from .trainer import KTOExtTrainer
 
     resolve_model_path(model_args.model_name_or_path, build_tiny=False)  # a wrong path fails before data loading
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        check_kbit_backend(training_args.device.type)  # before any weights are loaded
     train_set, eval_set, heldout = load_datasets(script_args, training_args)
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    threads = torch.get_num_threads()  # restored at the end (in-process callers, e.g. tests, keep their setting)
-    if model_args.model_name_or_path == TINY_MODEL:  # matrices this small: a second thread only adds synchronisation
-        torch.set_num_threads(1)
-
-    # Like TRL's kto.py: the trainer loads the model from its name with these from_pretrained kwargs.
-    hub_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
-    model_init_kwargs = dict(hub_kwargs, attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
-    quantization_config = get_quantization_config(model_args)
-    if quantization_config is not None:
-        model_init_kwargs["device_map"] = get_kbit_device_map()
-    user_kwargs = training_args.model_init_kwargs  # a flag gives a JSON string
-    model_init_kwargs.update((json.loads(user_kwargs) if isinstance(user_kwargs, str) else user_kwargs) or {})
-    training_args.model_init_kwargs = model_init_kwargs
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, **hub_kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:  # the trainer's input checks raise ValueError with the problem and its fix: one line, in flag words
-        trainer = KTOExtTrainer(
-            model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-            peft_config=get_peft_config(model_args), quantization_config=quantization_config,
-        )  # fmt: skip
-    except ValueError as err:
-        _fail(as_flags(str(err)))
-    trainer.model_card_info = {  # read by trainer.create_model_card (checkpoints and the final card)
+    card_info = {
         "dataset_name": script_args.dataset_name,
         "command": command,
         "config": format_config(script_args, training_args, model_args),
     }
-    main_process = trainer.is_world_process_zero()
-    if heldout is not None and main_process:
-        from .tiny import greedy_accuracy
-
-        before = greedy_accuracy(trainer.model, tokenizer, *heldout)
-        print(f"Held-out greedy accuracy before KTO: {before:.3f} ({len(heldout[0])} prompts)", flush=True)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)  # model + tokenizer
-    trainer.save_state()  # trainer_state.json, read by the plot
-    card = trainer.create_model_card()  # README.md: base model, data, KTO settings, final metrics, command
-    if main_process:
-        if heldout is not None:
-            after = greedy_accuracy(trainer.model, tokenizer, *heldout)
-            print(f"Held-out greedy accuracy after KTO:  {after:.3f} (before: {before:.3f})", flush=True)
-        plot = plot_training(training_args.output_dir)
-        out = os.path.abspath(training_args.output_dir)
-        print(f"lambda_D = {trainer.desirable_weight:.4g}, lambda_U = {trainer.undesirable_weight:.4g}")
-        print(f"Outputs in {out}:\n  final model + tokenizer: {out}\n  training curves: {os.path.abspath(plot)}")
-        print(f"  model card: {os.path.abspath(card)}")
-        if "tensorboard" in (training_args.report_to or []):
-            print(f"  tensorboard logs: {os.environ.get('TENSORBOARD_LOGGING_DIR') or os.path.join(out, 'runs')}")
-    if hasattr(trainer, "end"):
-        trainer.end()
-    torch.set_num_threads(threads)
-    return training_args.output_dir
+    with threads_for(model_args.model_name_or_path):
+        model_path, tokenizer, kwargs = load_model_inputs(script_args, training_args, model_args)
+        trainer = build_trainer(
+            KTOExtTrainer, model_path, training_args, card_info,
+            train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer, **kwargs,
+        )  # fmt: skip
+        return train_and_report(trainer, tokenizer, training_args, heldout)
 
 
 def plot_main(argv: list[str]) -> int:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 
-import os
 import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments
 
@@ -21,7 +19,6 @@ from .cli import (
     _Parser,
     as_flags,
     format_config,
-    get_kbit_device_map,
     parse_args,
     resolve_model_path,
 )
@@ -32,8 +29,6 @@ DESCRIPTION = f"""Online KTO (OnlineKTOTrainer): sample completions from the pol
 train with the KTO loss. Every option can also be set in a YAML file, --config FILE; flags override the file.
 Offline default: --model_name_or_path {TINY_MODEL} --dataset_name {TINY_DATASET} --reward_funcs
 trl_kto_ext.tiny.exact_answer_reward (configs/online-tiny.yaml)."""
-
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
@@ -86,8 +81,6 @@ def make_parser(prog: str | None = f"{PROG} online") -> _Parser:
 
 def load_prompt_dataset(script_args, seed: int):
     """(train prompts, tiny held-out (prompts, answers) or None); SystemExit with a one-line message."""
-    import datasets
-
     name, split = script_args.dataset_name, script_args.dataset_train_split
     if name == TINY_DATASET:
         from .tiny import heldout_prompts, make_prompt_dataset
@@ -98,87 +91,41 @@ def load_prompt_dataset(script_args, seed: int):
         return prompts, heldout_prompts()
     if not name:
         _fail(f"no dataset: set dataset_name (a data file or folder, a Hub id, or {TINY_DATASET}).")
-    path = Path(name).expanduser()
-    try:
-        if path.is_file():
-            if path.suffix.lower() not in _BUILDERS:
-                _fail(f"unsupported file type {path.suffix!r} for {path}: use .jsonl, .json, .csv or .parquet.")
-            dataset = datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split=split)
-        elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            dataset = datasets.load_from_disk(str(path))
-            dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
-        elif path.is_dir() or not name.startswith(("/", ".", "~")):
-            dataset = datasets.load_dataset(str(path) if path.is_dir() else name, script_args.dataset_config,
-                                            split=split)  # fmt: skip
-        else:
-            _fail(f"no such file or folder: {path}.")
-    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
-        _fail(f"could not load the prompts from {name!r}: {err}")
+    from .data import load_raw_dataset
+
     column = script_args.prompt_column
+    try:
+        dataset = load_raw_dataset(name, split=split, dataset_config=script_args.dataset_config, text_columns=[column])
+    except (FileNotFoundError, ValueError) as err:
+        _fail(f"could not load the prompts from {name!r}: {as_flags(str(err))}")
     if column != "prompt" and column in dataset.column_names:
         dataset = dataset.rename_column(column, "prompt")
     if "prompt" not in dataset.column_names:
-        _fail(f"{name!r} has no column {column!r} (columns: {dataset.column_names}); set prompt_column.")
+        _fail(f"{name!r} has no column {column!r} (columns: {dataset.column_names}); set --prompt_column.")
     return dataset, None
 
 
 def train(script_args, training_args, model_args, command: list[str] | None = None) -> str:
     """Run online KTO as configured; returns the output_dir. `command` (argv) is recorded in the model card."""
-    import torch
-    from transformers import AutoTokenizer
-    from trl import get_peft_config, get_quantization_config
-
+    from .cli_run import build_trainer, load_model_inputs, threads_for, train_and_report
     from .online import OnlineKTOTrainer
-    from .plotting import plot_training
 
     if not script_args.reward_funcs:
         _fail("no reward function: set reward_funcs (e.g. [trl_kto_ext.tiny.exact_answer_reward]).")
-    resolve_model_path(model_args.model_name_or_path, build_tiny=False)
+    resolve_model_path(model_args.model_name_or_path, build_tiny=False)  # a wrong path fails before data loading
     prompts, heldout = load_prompt_dataset(script_args, training_args.seed)
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    threads = torch.get_num_threads()
-    if model_args.model_name_or_path == TINY_MODEL:
-        torch.set_num_threads(1)
-    hub_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
-    init_kwargs = dict(hub_kwargs, attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
-    quantization_config = get_quantization_config(model_args)
-    if quantization_config is not None:
-        init_kwargs["device_map"] = get_kbit_device_map()
-    training_args.model_init_kwargs = dict(init_kwargs, **(training_args.model_init_kwargs or {}))
-    tokenizer = AutoTokenizer.from_pretrained(model_path, **hub_kwargs)
-    try:
-        trainer = OnlineKTOTrainer(
-            model_path, reward_funcs=list(script_args.reward_funcs), args=training_args, train_dataset=prompts,
-            processing_class=tokenizer, peft_config=get_peft_config(model_args),
-            quantization_config=quantization_config,
-        )  # fmt: skip
-    except ValueError as err:  # a reward function that cannot be imported, a dataset without prompts, ...
-        _fail(as_flags(str(err)))
-    trainer.model_card_info = {  # read by trainer.create_model_card (checkpoints and the final card)
+    card_info = {
         "dataset_name": script_args.dataset_name,
         "command": command,
         "config": format_config(script_args, training_args, model_args),
     }
-    main_process = trainer.is_world_process_zero()
-    if heldout is not None and main_process:
-        from .tiny import greedy_accuracy
-
-        before = greedy_accuracy(trainer.model, tokenizer, *heldout)
-        print(f"Held-out greedy accuracy before online KTO: {before:.3f} ({len(heldout[0])} prompts)", flush=True)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    card = trainer.create_model_card()  # README.md: base model, data, settings, final metrics, command
-    if main_process:
-        if heldout is not None:
-            after = greedy_accuracy(trainer.model, tokenizer, *heldout)
-            print(f"Held-out greedy accuracy after online KTO:  {after:.3f} (before: {before:.3f})", flush=True)
-        plot = plot_training(training_args.output_dir)
-        out = os.path.abspath(training_args.output_dir)
-        print(f"Outputs in {out}:\n  final model + tokenizer: {out}\n  training curves: {os.path.abspath(plot)}")
-        print(f"  model card: {os.path.abspath(card)}")
-    torch.set_num_threads(threads)
-    return training_args.output_dir
+    with threads_for(model_args.model_name_or_path):
+        model_path, tokenizer, kwargs = load_model_inputs(script_args, training_args, model_args)
+        trainer = build_trainer(
+            OnlineKTOTrainer, model_path, training_args, card_info,
+            reward_funcs=list(script_args.reward_funcs), train_dataset=prompts, processing_class=tokenizer, **kwargs,
+        )  # fmt: skip
+        return train_and_report(trainer, tokenizer, training_args, heldout, method="online KTO")
 
 
 def main(argv: list[str] | None = None) -> int:

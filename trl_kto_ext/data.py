@@ -213,15 +213,25 @@ def load_unpaired_dataset(
     undesirable_fraction: float = 1.0,
     seed: int = 0,
 ) -> Dataset:
-    """Load `dataset_name` and return it through [`prepare_unpaired`].
-
-    `dataset_name` is a local .jsonl/.json/.csv/.parquet file, a folder of such files, a folder written by
-    `save_to_disk`, or else a Hub id. A missing path is reported as such when it has a file suffix, starts with
-    '/', '.', '~', or has more than one '/'; a plain "org/name" that does not exist locally is treated as a Hub id.
-    """
+    """Load `dataset_name` with [`load_raw_dataset`] and return it through [`prepare_unpaired`]."""
     # Every keyword after dataset_config is passed on unchanged; collect them before any other local exists.
     options = {k: v for k, v in locals().items() if k not in ("dataset_name", "split", "dataset_config")}
     text_columns = [prompt_column, completion_column, chosen_column, rejected_column]
+    dataset = load_raw_dataset(dataset_name, split=split, dataset_config=dataset_config, text_columns=text_columns)
+    return prepare_unpaired(dataset, **options)
+
+
+def load_raw_dataset(
+    dataset_name: str, *, split: str = "train", dataset_config: str | None = None, text_columns: list[str] = ()
+) -> Dataset:
+    """One split of `dataset_name`, its `text_columns` read as text (a CSV `27` stays "27", a JSON `007` too).
+
+    `dataset_name` is a local .jsonl/.json/.csv/.parquet file, a folder of such files, a folder written by
+    `save_to_disk`, or else a Hub id. A missing path is reported as such when it has a file suffix, starts with
+    '/', '.', '~', or has more than one '/'; a plain "org/name" that does not exist locally is treated as a Hub id,
+    and an unreachable Hub fails at once in one line. Raises `FileNotFoundError` or `ValueError` with the fix.
+    """
+    text_columns = list(text_columns)
     converters = dict.fromkeys(text_columns, str)  # CSV cells of text columns as written ("007", "2.50")
     path = Path(dataset_name).expanduser()
     suffix = path.suffix.lower()
@@ -267,7 +277,7 @@ def load_unpaired_dataset(
             f"{dataset_name!r} is not a local path and could not be loaded from the Hub ({err}). Check the spelling, "
             "your network / HF_TOKEN, or pass a local .jsonl/.json/.csv/.parquet file."
         ) from None
-    return prepare_unpaired(_as_text(dataset, text_columns), **options)
+    return _as_text(dataset, text_columns)
 
 
 def _json_text(dataset: Dataset, path: Path, columns: list[str]) -> Dataset:

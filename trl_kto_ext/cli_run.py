@@ -1,0 +1,90 @@
+"""Steps shared by the `trl-kto-ext` commands (offline and online): model inputs, trainer, training and report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+from .cli import TINY_MODEL, _fail, as_flags, get_kbit_device_map, resolve_model_path
+from .peft_utils import check_kbit_backend
+
+
+def load_model_inputs(script_args, training_args, model_args):
+    """(model path, tokenizer, trainer keyword arguments) as TRL's kto.py sets them up: the trainer loads the model
+    from its path with `training_args.model_init_kwargs` (set here), plus the LoRA and k-bit configs."""
+    from transformers import AutoTokenizer
+    from trl import get_peft_config, get_quantization_config
+
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        check_kbit_backend(training_args.device.type)  # before any weights are loaded
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    hub_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
+    model_init_kwargs = dict(hub_kwargs, attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        model_init_kwargs["device_map"] = get_kbit_device_map()
+    user_kwargs = training_args.model_init_kwargs  # a flag gives a JSON string
+    model_init_kwargs.update((json.loads(user_kwargs) if isinstance(user_kwargs, str) else user_kwargs) or {})
+    training_args.model_init_kwargs = model_init_kwargs
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **hub_kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {"peft_config": get_peft_config(model_args), "quantization_config": quantization_config}
+    return model_path, tokenizer, kwargs
+
+
+def build_trainer(trainer_class, model_path, training_args, card_info: dict[str, Any], **kwargs):
+    """`trainer_class(model_path, args=training_args, **kwargs)`; its input checks' ValueError as one line in flag
+    words. `card_info` (dataset name, command, config) goes into the model card."""
+    try:
+        trainer = trainer_class(model_path, args=training_args, **kwargs)
+    except ValueError as err:
+        _fail(as_flags(str(err)))
+    trainer.model_card_info = card_info  # read by trainer.create_model_card (checkpoints and the final card)
+    return trainer
+
+
+def train_and_report(trainer, tokenizer, training_args, heldout, method: str = "KTO") -> str:
+    """Trains, saves the model, tokenizer, state, model card and curves to output_dir, and prints the held-out
+    accuracy before and after (tiny data) and where everything went. Returns the output_dir."""
+    from .plotting import plot_training
+    from .tiny import greedy_accuracy
+
+    main_process = trainer.is_world_process_zero()
+    if heldout is not None and main_process:
+        before = greedy_accuracy(trainer.model, tokenizer, *heldout)
+        print(f"Held-out greedy accuracy before {method}: {before:.3f} ({len(heldout[0])} prompts)", flush=True)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)  # model + tokenizer
+    trainer.save_state()  # trainer_state.json, read by the plot
+    card = trainer.create_model_card()  # README.md: base model, data, KTO settings, final metrics, command
+    if main_process:
+        if heldout is not None:
+            after = greedy_accuracy(trainer.model, tokenizer, *heldout)
+            print(f"Held-out greedy accuracy after {method}:  {after:.3f} (before: {before:.3f})", flush=True)
+        plot = plot_training(training_args.output_dir)
+        out = os.path.abspath(training_args.output_dir)
+        print(f"lambda_D = {trainer.desirable_weight:.4g}, lambda_U = {trainer.undesirable_weight:.4g}")
+        print(f"Outputs in {out}:\n  final model + tokenizer: {out}\n  training curves: {os.path.abspath(plot)}")
+        print(f"  model card: {os.path.abspath(card)}")
+        if "tensorboard" in (training_args.report_to or []):
+            print(f"  tensorboard logs: {os.environ.get('TENSORBOARD_LOGGING_DIR') or os.path.join(out, 'runs')}")
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return training_args.output_dir
+
+
+@contextlib.contextmanager
+def threads_for(model_name: str | None):
+    """One torch thread for the tiny model (a second only adds synchronisation); the caller's setting restored."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if model_name == TINY_MODEL:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
