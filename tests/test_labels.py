@@ -71,6 +71,23 @@ def test_trainer_reads_class_label_names(small_model, tiny_tokenizer, tmp_path, 
     assert batch["label"].tolist() == MEANING[:7]
 
 
+@pytest.mark.parametrize("family", [("good", "bad"), ("👍", "👎"), ("Thumbs-Up", "thumbs_down"), (1, 0)], ids=str)
+def test_trainer_reads_text_and_number_labels_by_meaning(small_model, tiny_tokenizer, tmp_path, family):
+    """Labels the README lists ('good'/'bad', 👍/👎, 0/1) work in Python too, not only through the loader/CLI."""
+    good, bad = family
+    rows = [
+        {"prompt": f"{i}+1=", "completion": str(i + 1 if desirable else i + 2), "label": good if desirable else bad}
+        for i, desirable in enumerate(MEANING[:7])
+    ]
+    args = cpu_args(tmp_path, per_device_train_batch_size=7, train_sampling_strategy="sequential")
+    trainer = KTOExtTrainer(
+        model=small_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer
+    )
+    assert trainer.train_dataset["label"] == MEANING[:7]
+    assert (trainer.loss_aversion.n_desirable, trainer.loss_aversion.n_undesirable) == (4, 3)
+    assert next(iter(trainer.get_train_dataloader()))["label"].tolist() == MEANING[:7]
+
+
 def test_trainer_reads_class_label_names_in_eval_set(small_model, tiny_tokenizer, tmp_path):
     trainer = KTOExtTrainer(
         model=small_model,

@@ -54,21 +54,24 @@ def test_paired_data_missing_rejected(small_model, tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize(
     "labels,message",
     [
-        (["maybe"] * 8, r"Row 0 has label 'maybe' \(str\) in the train dataset \(8 rows have a label"),
-        ([True, False, None, True, False, True, False, True], r"Row 2 has label None \(NoneType\) in the train"),
-        ([2] * 8, r"Row 0 has label 2 \(int\) in the train dataset"),
+        (["maybe"] * 8, r"label 'maybe' at row 0 of the train dataset \(a str; 8 rows have a label it cannot read"),
+        (
+            [True, False, None, True, False, True, False, True],
+            r"label None at row 2 of the train dataset \(a NoneType\)\.",
+        ),
+        ([2] * 8, r"label 2 at row 0 of the train dataset \(a int; 8 rows"),
     ],
 )
 def test_bad_labels_name_the_row_and_the_fix(small_model, tiny_tokenizer, tmp_path, labels, message):
     dataset = with_column(make_kto_dataset(8, seed=0), "label", labels)
     with pytest.raises(ValueError, match=message) as err:
         make_trainer(small_model, tiny_tokenizer, dataset, tmp_path)
-    assert "must be booleans" in str(err.value) and "prepare_unpaired" in str(err.value)
+    assert "Accepted labels: bools, 0/1" in str(err.value) and "'good'/'bad'" in str(err.value)
 
 
 def test_bad_label_in_eval_dataset(small_model, tiny_tokenizer, tmp_path):
     eval_set = with_column(make_kto_dataset(4, seed=1), "label", ["good", "bad", "meh", "good"])
-    with pytest.raises(ValueError, match=r"Row 0 has label 'good' \(str\) in the eval dataset"):
+    with pytest.raises(ValueError, match=r"Unrecognised label 'meh' at row 2 of the eval dataset \(a str\)\."):
         KTOExtTrainer(
             model=small_model,
             args=cpu_args(tmp_path),

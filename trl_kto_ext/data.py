@@ -15,7 +15,8 @@ import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict, Value
 
-from .labels import decode_labels, is_decoded, label_values, normalize_label
+from .labels import decode_labels, label_values
+from .labels import normalize_label as normalize_label  # re-exported: part of this module's public API
 from .messages import has_payload
 from .unpairing import _check_dataset, _extract_prompt, _plain, is_paired, unpair_paired_dataset
 
@@ -145,11 +146,8 @@ def prepare_unpaired(
     _check_text_columns(dataset, needed[:2] if not paired else needed)
     if paired:
         dataset = unpair_paired_dataset(dataset, seed=seed)
-    elif not is_decoded(dataset := decode_labels(dataset)):  # a ClassLabel is read by its names, never its codes
-        labels = [normalize_label(v, row) for row, v in enumerate(_plain(dataset)["label"])]
-        order = dataset.column_names  # add_column appends at the end; restore the user's column order
-        dataset = dataset.remove_columns("label").add_column("label", labels, feature=Value("bool"))
-        dataset = dataset.select_columns(order)
+    else:
+        dataset = decode_labels(dataset)  # by meaning: a ClassLabel by its names (never its codes), text markers, 0/1
 
     if desirable_fraction < 1 or undesirable_fraction < 1:
         dataset = subsample_class(dataset, desirable_fraction, undesirable_fraction, seed=seed)

@@ -72,24 +72,60 @@ def _decode(codes: list[Any], meanings: list[bool], offset: int = 0) -> list[boo
     return out
 
 
-def decode_labels(dataset):
-    """`dataset` with a `ClassLabel` `label` column turned into booleans by the class names (else unchanged).
+def decode_labels(dataset, name: str | None = None):
+    """`dataset` with its `label` column read by meaning into booleans: a `ClassLabel` by its class names, text
+    markers ('good'/'bad', '👍'/'👎', ...) and 0/1 by the table of [`normalize_label`]; a boolean column is unchanged.
 
-    Works on a `Dataset` (decoded now, column order kept) and an `IterableDataset` (decoded lazily). ValueError when
-    the names are not recognised (see `class_label_meanings`).
+    Works on a `Dataset` (decoded now, column order kept) and an `IterableDataset` (decoded lazily). ValueError naming
+    the row (and `name`, the dataset's role: "train", "eval") and value of a label it cannot read, or the class names it does not recognise (`class_label_meanings`).
     """
-    feature = _class_label(dataset)
-    if feature is None:
+    features = getattr(dataset, "features", None) or {}
+    feature = features.get("label")
+    if feature is None and isinstance(dataset, IterableDataset):
+        return dataset.map(
+            lambda batch, idx: {"label": _read(batch["label"], idx[0])}, batched=True, with_indices=True
+        )
+    if feature is None or (feature == Value("bool") and is_decoded(dataset)):
         return dataset
-    meanings = class_label_meanings(feature)
-    features = dataset.features.copy()
+    if isinstance(feature, ClassLabel):
+        meanings = class_label_meanings(feature)
+
+        def read(codes, offset=0):
+            return _decode(codes, meanings, offset)
+    else:
+
+        def read(values, offset=0):
+            return _read(values, offset, name)
+
+    features = features.copy()
     features["label"] = Value("bool")
     if isinstance(dataset, IterableDataset):
-        return dataset.map(lambda batch: {"label": _decode(batch["label"], meanings)}, batched=True, features=features)
-    labels = _decode(dataset.with_format(None)["label"], meanings)
+        return dataset.map(
+            lambda batch, idx: {"label": read(batch["label"], idx[0])}, batched=True, with_indices=True,
+            features=features,
+        )  # fmt: skip
+    labels = read(dataset.with_format(None)["label"])
     order = dataset.column_names  # add_column appends at the end; restore the user's column order
     dataset = dataset.remove_columns("label").add_column("label", labels, feature=Value("bool"))
     return dataset.select_columns(order)
+
+
+def _read(values: list[Any], offset: int = 0, name: str | None = None) -> list[bool]:
+    out, bad = [], []
+    for row, value in enumerate(values, offset):
+        try:
+            out.append(normalize_label(value, row))
+        except ValueError:
+            bad.append(row)
+    if bad:
+        value = values[bad[0] - offset]
+        more = f"; {len(bad)} rows have a label it cannot read, the first {min(len(bad), 5)}: {bad[:5]}"
+        raise ValueError(
+            f"Unrecognised label {value!r} at row {bad[0]}{f' of the {name} dataset' if name else ''} "
+            f"(a {type(value).__name__}{more if len(bad) > 1 else ''}). Accepted labels: {ACCEPTED}. Fix or drop "
+            "that row, or map it to one of these before training."
+        )
+    return out
 
 
 def label_values(dataset: Dataset) -> list[Any]:
@@ -99,8 +135,10 @@ def label_values(dataset: Dataset) -> list[Any]:
     return _decode(values, class_label_meanings(feature)) if feature is not None else values
 
 
-def is_decoded(dataset: Dataset) -> bool:
-    """Whether `label` is already a null-free boolean column (nothing to convert)."""
+def is_decoded(dataset) -> bool:
+    """Whether `label` is already a null-free boolean column (nothing to convert); a stream's cannot be known."""
+    if not isinstance(dataset, Dataset):
+        return isinstance(dataset, IterableDataset) and (dataset.features or {}).get("label") == Value("bool")
     return dataset.features["label"] == Value("bool") and not dataset.data.column("label").null_count
 
 

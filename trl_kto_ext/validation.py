@@ -158,7 +158,7 @@ def check_dataset(dataset, processing_class, name: str) -> None:
     read by its class names (ValueError when they are not recognised).
     """
     if isinstance(dataset, (Dataset, IterableDataset)):
-        dataset = decode_labels(dataset)
+        dataset = decode_labels(dataset, name)
     if isinstance(dataset, Dataset):
         check_not_empty(dataset, name)
         columns = dataset.column_names
