@@ -123,3 +123,25 @@ def test_long_run_has_no_markers_and_eval_is_dashed():
     assert train.get_marker() in (None, "None", "") and len(train.get_xdata()) == 150
     assert evaluation.get_linestyle() == "--" and evaluation.get_label() == "eval loss"
     assert "Loss aversion" not in axes  # not logged: no empty panel
+
+
+def test_empty_run_says_so_and_a_checkpoint_source_is_named(tmp_path, capsys):
+    """A run that logged nothing (logging_steps > steps) gets a note on stderr, not a silent empty figure; a figure
+    drawn from a checkpoint names the run and the checkpoint."""
+    from matplotlib.figure import Figure
+
+    from trl_kto_ext import plotting
+
+    _write_state(tmp_path / "run" / "checkpoint-5", [])
+    assert plotting.main([str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "run" / "training_curves.png")
+    assert "no metrics were logged in this run yet, so the figure is empty" in err
+    titles = []
+    original = Figure.suptitle
+    Figure.suptitle = lambda self, text, **kw: titles.append(text) or original(self, text, **kw)
+    try:
+        plot_training(tmp_path / "run")
+    finally:
+        Figure.suptitle = original
+    assert titles[0].startswith("KTO training curves: run (from checkpoint-5)\n")

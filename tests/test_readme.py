@@ -68,6 +68,10 @@ def test_python_blocks_run_offline(path, tiny_default, tmp_path):
         assert (tmp_path / "kto-quickstart" / "model.safetensors").is_file()
         card = (tmp_path / "kto-quickstart" / "README.md").read_text()
         assert "`tiny-arithmetic`" in card and "λ_D = 1, λ_U = 1" in card  # load_tiny's data is balanced
+        assert (tmp_path / "kto-quickstart" / "training_curves.png").is_file()
+        assert "Curves: `training_curves.png` in this folder" in card  # named only because the block drew them
+        logged = json.loads((tmp_path / "kto-quickstart" / "trainer_state.json").read_text())["log_history"]
+        assert sum("loss" in entry for entry in logged) == 5  # logging_steps=1: a curve, not an empty figure
     if path.name in ("README.md", "lora.md"):
         assert (tmp_path / "kto-lora" / "adapter_config.json").is_file()
         assert (tmp_path / "kto-qlora" / "adapter_config.json").is_file()

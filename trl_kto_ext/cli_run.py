@@ -59,12 +59,12 @@ def train_and_report(trainer, tokenizer, training_args, heldout, method: str = "
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # model + tokenizer
     trainer.save_state()  # trainer_state.json, read by the plot
+    plot = plot_training(training_args.output_dir) if main_process else None  # before the card, which names it
     card = trainer.create_model_card()  # README.md: base model, data, KTO settings, final metrics, command
     if main_process:
         if heldout is not None:
             after = greedy_accuracy(trainer.model, tokenizer, *heldout)
             print(f"Held-out greedy accuracy after {method}:  {after:.3f} (before: {before:.3f})", flush=True)
-        plot = plot_training(training_args.output_dir)
         out = os.path.abspath(training_args.output_dir)
         print(f"lambda_D = {trainer.desirable_weight:.4g}, lambda_U = {trainer.undesirable_weight:.4g}")
         print(f"Outputs in {out}:\n  final model + tokenizer: {out}\n  training curves: {os.path.abspath(plot)}")

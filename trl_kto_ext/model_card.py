@@ -47,7 +47,8 @@ Last logged values (training values are averages over the last logging window{% 
 |---|---|{% if has_eval %}---|{% endif %}
 {% for name, train, evaluation in metrics %}| {{ name }} | {{ train }} |{% if has_eval %} {{ evaluation }} |{% endif %}
 {% endfor %}
-Curves: `training_curves.png` in this folder (`trl-kto-ext plot OUTPUT_DIR` draws them from `trainer_state.json`).
+{% if has_curves %}Curves: `training_curves.png` in this folder (`trl-kto-ext plot OUTPUT_DIR` redraws them from `trainer_state.json`).{% else %}Curves: `trl-kto-ext plot OUTPUT_DIR` draws them from the run's `trainer_state.json` (saved by `trainer.save_state()` and
+in each checkpoint).{% endif %}
 
 ### Reproduce
 
@@ -195,6 +196,7 @@ def create_model_card(
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         peft=hasattr(self.accelerator.unwrap_model(self.model), "peft_config"),
         has_eval=any(m[2] != "-" for m in metrics),
+        has_curves=os.path.exists(os.path.join(output_dir, "training_curves.png")),
         metrics=metrics,
         command=command,
         config=config,

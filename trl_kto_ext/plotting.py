@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
@@ -89,7 +90,10 @@ def plot_training(output_dir_or_state_file: str | Path, out_path: str | Path | N
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    fig = make_figure(history, f"KTO training curves: {state_file.parent.name}", empty_note=str(state_file))
+    run = source.name if source.is_dir() else state_file.parent.name
+    if state_file.parent.name != run:  # read from the last checkpoint: say so
+        run = f"{run} (from {state_file.parent.name})"
+    fig = make_figure(history, f"KTO training curves: {run}", empty_note=str(state_file))
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return str(out_path)
@@ -140,7 +144,7 @@ def make_figure(history: list[dict], title: str = "KTO training curves", empty_n
         ax.axis("off")
     if not panels:
         flat[0].text(0.5, 0.5, f"No KTO metrics logged yet in\n{empty_note}", ha="center", va="center")
-    fig.suptitle(f"{title} ({WINDOW_NOTE}; eval dashed)")
+    fig.suptitle(f"{title}\n({WINDOW_NOTE}; eval dashed)", fontsize=11)
     return fig
 
 
@@ -153,7 +157,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="PNG to write (default: OUTPUT_DIR/training_curves.png).")
     args = parser.parse_args(argv)
     try:
-        print(plot_training(args.output_dir, args.out))
+        path = plot_training(args.output_dir, args.out)
+        print(path)
+        if not any(key in entry for entry in load_log_history(find_state_file(Path(args.output_dir))) for key in
+                   ("loss", "train_loss", "kl", "eval_loss")):  # fmt: skip
+            print(
+                "trl-kto-ext plot: no metrics were logged in this run yet, so the figure is empty (logging_steps larger "
+                "than the steps run? set logging_steps=1 for short runs)",
+                file=sys.stderr,
+            )
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"trl-kto-ext: error: {err}") from None
     return 0
