@@ -185,9 +185,24 @@ def test_manual_weights_out_of_range_warn_once(small_model, tiny_tokenizer, tmp_
     assert trainer.desirable_weight == 3.0 and trainer.loss_aversion.ratio == pytest.approx(3.0)
 
 
+def test_weight_advice_is_given_once_not_again_by_trl(small_model, tiny_tokenizer, tmp_path, caplog):
+    """TRL logs its own (differently rounded) weight advice for imbalanced data; ours is the one given."""
+    dataset = make_kto_dataset(40, seed=8, desirable_ratio=0.25)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
+        KTOExtTrainer(
+            model=small_model,
+            args=cpu_args(tmp_path, loss_aversion="manual", desirable_weight=1.0),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
+    assert sum("outside [1, 4/3]" in str(w.message) for w in caught) == 1
+    assert not [r for r in caplog.records if "ideal range" in r.getMessage()]
+
+
 def test_non_boolean_labels_are_a_clear_error(small_model, tiny_tokenizer, tmp_path):
     dataset = make_kto_dataset(6, seed=9).map(lambda r: {"label": "maybe"})
-    with pytest.raises(ValueError, match=r"Row 0 has label 'maybe'"):
+    with pytest.raises(ValueError, match=r"Unrecognised label 'maybe' at row 0 of the train dataset"):
         KTOExtTrainer(
             model=small_model, args=cpu_args(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer
         )

@@ -13,6 +13,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -429,8 +430,14 @@ def plot_main(argv: list[str]) -> int:
     return plotting_main(argv)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line as one line each (no source file and line: users act on the message)."""
+    return f"{PROG}: {category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _one_line_warning
     if argv and argv[0] == "plot":
         return plot_main(argv[1:])
     if argv and argv[0] == "online":  # online KTO: its own options (trl_kto_ext/cli_online.py)

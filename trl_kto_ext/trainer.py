@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import contextlib
 import copy
+import logging
 from collections import defaultdict
 from typing import Any, NamedTuple
 
@@ -147,7 +148,8 @@ class KTOExtTrainer(KTOTrainer):
         # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids` (its rotation
         # within fixed blocks needs the sequential sampler). Rows whose prompt fills max_length are dropped by
         # `check_tokenized`, which logs how many (TRL drops them silently).
-        with _attribute(self, "calculate_KL", False), _attribute(args, "max_length", None):
+        # TRL's own weight advice repeats ours with other bounds (ours: loss_aversion.resolve_loss_aversion): dropped.
+        with _attribute(self, "calculate_KL", False), _attribute(args, "max_length", None), _without_trl_advice():
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         dataset = validation.check_tokenized(dataset, args.max_length, dataset_name, self._vocab_rows, self._tokenizer)
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
@@ -476,6 +478,22 @@ def _activation_checkpointing_off(model, checkpointing_kwargs: dict | None):
     finally:
         if was_enabled:
             model.activation_checkpointing_enable(checkpointing_kwargs)
+
+
+class _TrlWeightAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "don't seem to be in an ideal range" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_trl_advice():
+    """Drops TRL's log line on desirable/undesirable weights while the block runs."""
+    trl_logger, advice = logging.getLogger("trl.trainer.kto_trainer"), _TrlWeightAdvice()
+    trl_logger.addFilter(advice)
+    try:
+        yield
+    finally:
+        trl_logger.removeFilter(advice)
 
 
 @contextlib.contextmanager
