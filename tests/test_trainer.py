@@ -187,7 +187,7 @@ def test_manual_weights_out_of_range_warn_once(small_model, tiny_tokenizer, tmp_
 
 def test_non_boolean_labels_are_a_clear_error(small_model, tiny_tokenizer, tmp_path):
     dataset = make_kto_dataset(6, seed=9).map(lambda r: {"label": "maybe"})
-    with pytest.raises(ValueError, match=r"Row 0 has label 'maybe'"):
+    with pytest.raises(ValueError, match=r"Row 0 \(counting from 0\) has label 'maybe'"):
         KTOExtTrainer(
             model=small_model, args=cpu_args(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer
         )

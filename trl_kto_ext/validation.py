@@ -18,10 +18,11 @@ from datasets import Dataset, IterableDataset
 
 from .labels import decode_labels
 from .messages import check_rendered, structure_problem
+from .rows import more_rows as _more_rows
+from .rows import row_ref
 
 logger = logging.getLogger(__name__)
 
-_SHOWN_ROWS = 5  # rows listed in a message
 _STREAM_SAMPLE = 64  # rows of an IterableDataset checked (it cannot be scanned without consuming it)
 _UNPAIRED = ("prompt", "completion", "label")
 _LAYOUTS = "`prompt`, `completion`, `label` (unpaired) or `prompt`, `chosen`, `rejected` (paired)"
@@ -155,7 +156,9 @@ def check_dataset(dataset, processing_class, name: str) -> None:
     """Columns, labels and text of a dataset given to the trainer, before tokenization.
 
     A map-style Dataset is checked row by row; an IterableDataset on its first rows only. A `ClassLabel` label is
-    read by its class names (ValueError when they are not recognised).
+    read by its class names (ValueError when they are not recognised). With `processing_class=None` the checks that
+    need the tokenizer (chat template, rendering) are skipped: the command line checks the rows so, as loaded, before
+    holding out an eval split, so that a message names the row as numbered in the user's file.
     """
     if isinstance(dataset, (Dataset, IterableDataset)):
         dataset = decode_labels(dataset)
@@ -181,7 +184,7 @@ def check_dataset(dataset, processing_class, name: str) -> None:
     text_columns = _check_columns(columns, values, name)
     if "completion" in text_columns:
         check_labels(values("label"), name)
-    if _check_text(text_columns, values, name):
+    if _check_text(text_columns, values, name) and processing_class is not None:
         check_chat_template(processing_class, name)
         extra = [c for c in ("prompt", "tools", "chat_template_kwargs") if c in columns and c not in text_columns]
         table = {c: values(c) for c in (*text_columns, *extra)}
@@ -214,7 +217,7 @@ def check_labels(labels: list[Any], name: str) -> None:
     if bad:
         value = labels[bad[0]]
         raise ValueError(
-            f"Row {bad[0]} has label {value!r} ({type(value).__name__}) in the {name} dataset"
+            f"{row_ref(bad[0]).capitalize()} has label {value!r} ({type(value).__name__}) in the {name} dataset"
             f"{_more_rows(bad, 'have a label that is not a boolean')}. {_LABEL_HINT}"
         )
 
@@ -240,7 +243,7 @@ def _check_text(columns: list[str], values, name: str) -> bool:
             }[kind]
             rows = [r for r, _ in problems]
             raise ValueError(
-                f"{column} at row {row} of the {name} dataset {description}{_more_rows(rows, 'have this problem', '; ')}"
+                f"{column} at {row_ref(row)} of the {name} dataset {description}{_more_rows(rows, 'have this problem', '; ')}"
                 f". {fix}"
             )
         kinds[column] = isinstance(column_values[0], list)
@@ -248,7 +251,7 @@ def _check_text(columns: list[str], values, name: str) -> bool:
         conversational = [c for c, k in kinds.items() if k]
         text = [c for c, k in kinds.items() if not k]
         raise ValueError(
-            f"In the {name} dataset, {conversational} hold lists of messages but {text} hold plain text (row 0). "
+            f"In the {name} dataset, {conversational} hold lists of messages but {text} hold plain text (row 0, counting from 0). "
             "A row must be all text or all conversational: convert one side, e.g. wrap the text as "
             "[{'role': 'assistant', 'content': text}]."
         )
@@ -264,15 +267,6 @@ def check_chat_template(processing_class, name: str) -> None:
             "`tokenizer.chat_template` (e.g. copied from the instruct version of your model), or convert the rows "
             "to plain text prompts and completions."
         )
-
-
-def _more_rows(rows: list[int], what: str, style: str = " (", always: bool = False) -> str:
-    """' (3 rows <what>: 1, 4, 7)' (or '; 3 rows ...' with style='; '); empty for a single row unless `always`."""
-    if len(rows) <= 1 and not always:
-        return ""
-    extra = len(rows) - _SHOWN_ROWS
-    shown = ", ".join(map(str, rows[:_SHOWN_ROWS])) + (f" and {extra} more" if extra > 0 else "")
-    return f"{style}{len(rows)} row{'s' if len(rows) > 1 else ''} {what}: {shown}{')' if style == ' (' else ''}"
 
 
 # ----------------------------------------------------------------------------------------- tokenized dataset
@@ -292,7 +286,7 @@ def check_tokenized(dataset, max_length: int | None, name: str, vocab_rows: int 
     empty = np.flatnonzero(completion_len == 0).tolist()
     if empty:
         raise ValueError(
-            f"The completion at row {empty[0]} of the {name} dataset has no tokens after tokenization"
+            f"The completion at {row_ref(empty[0])} of the {name} dataset has no tokens after tokenization"
             f"{_more_rows(empty, 'have no completion token')}: there is nothing to learn from. Check that the text "
             "(or the chat template's rendering of the assistant message) is not empty, then fix or drop that row."
         )
@@ -353,7 +347,7 @@ def _check_vocabulary(prompt_ids, completion_ids, vocab_rows: int, tokenizer, na
             first = int(np.flatnonzero(flat >= vocab_rows)[0])
             row = int(pc.list_parent_indices(ids).to_numpy(zero_copy_only=False)[first])
             raise ValueError(
-                f"Token id {int(flat[first])} in the {column} of row {row} of the {name} dataset is out of range for "
+                f"Token id {int(flat[first])} in the {column} of {row_ref(row)} of the {name} dataset is out of range for "
                 f"the model, whose input embedding has {vocab_rows} rows (ids 0..{vocab_rows - 1}), while {size}. "
                 f"{fix}"
             )
