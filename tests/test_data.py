@@ -131,7 +131,10 @@ def test_ambiguous_mapping():
     ds = Dataset.from_dict({"prompt": ["p"], "completion": ["c"], "response": ["r"], "label": [True]})
     with pytest.raises(ValueError, match=r"both column 'response' \(completion_column\) and column 'completion'"):
         prepare_unpaired(ds, completion_column="response")
-    with pytest.raises(ValueError, match=r"Column 'score' \(label_column\) is not in the data; the data has 'label': pass label_column='label'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Column 'score' \(label_column\) is not in the data; the data has 'label': pass label_column='label'",
+    ):
         prepare_unpaired(ds, label_column="score")
 
 

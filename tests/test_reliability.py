@@ -54,8 +54,14 @@ def test_paired_data_missing_rejected(small_model, tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize(
     "labels,message",
     [
-        (["maybe"] * 8, r"Row 0 \(counting from 0\) has label 'maybe' \(str\) in the train dataset \(8 rows have a label"),
-        ([True, False, None, True, False, True, False, True], r"Row 2 \(counting from 0\) has label None \(NoneType\) in the train"),
+        (
+            ["maybe"] * 8,
+            r"Row 0 \(counting from 0\) has label 'maybe' \(str\) in the train dataset \(8 rows have a label",
+        ),
+        (
+            [True, False, None, True, False, True, False, True],
+            r"Row 2 \(counting from 0\) has label None \(NoneType\) in the train",
+        ),
         ([2] * 8, r"Row 0 \(counting from 0\) has label 2 \(int\) in the train dataset"),
     ],
 )
@@ -108,7 +114,9 @@ def test_empty_prompt_or_completion_names_the_row(small_model, tiny_tokenizer, t
     values[3] = [{"role": values[3][0]["role"], "content": "  "}] if conversational else "   "
     dataset = with_column(dataset, column, values)
     detail = r"no message has any content" if conversational else r"'   '"
-    with pytest.raises(ValueError, match=rf"{column} at row 3 \(counting from 0\) of the train dataset is empty \({detail}\)") as err:
+    with pytest.raises(
+        ValueError, match=rf"{column} at row 3 \(counting from 0\) of the train dataset is empty \({detail}\)"
+    ) as err:
         make_trainer(small_model, tiny_tokenizer, dataset, tmp_path)
     assert "Fill in or drop such rows, e.g. `dataset = dataset.filter(lambda r: " in str(err.value)
 
@@ -134,7 +142,8 @@ def test_message_without_content_or_fields_is_empty(small_model, tiny_tokenizer,
     # A message may lack 'content' (e.g. an assistant turn holding only tool calls); with nothing else it is empty.
     dataset = with_column(make_kto_dataset(4, seed=0, conversational=True), "prompt", [[{"role": "user"}]] * 4)
     with pytest.raises(
-        ValueError, match=r"prompt at row 0 \(counting from 0\) of the train dataset is empty \(no message has any content"
+        ValueError,
+        match=r"prompt at row 0 \(counting from 0\) of the train dataset is empty \(no message has any content",
     ):
         make_trainer(small_model, tiny_tokenizer, dataset, tmp_path)
 
@@ -148,7 +157,9 @@ def test_text_prompt_with_conversational_completion(small_model, tiny_tokenizer,
 
 def test_wrong_text_type(small_model, tiny_tokenizer, tmp_path):
     dataset = with_column(make_kto_dataset(4, seed=0), "completion", [1, 2, 3, 4])
-    with pytest.raises(ValueError, match=r"completion at row 0 \(counting from 0\) of the train dataset is a int \('1'\), not text or"):
+    with pytest.raises(
+        ValueError, match=r"completion at row 0 \(counting from 0\) of the train dataset is a int \('1'\), not text or"
+    ):
         make_trainer(small_model, tiny_tokenizer, dataset, tmp_path)
 
 
@@ -205,7 +216,8 @@ def test_vocabulary_mismatch_is_a_clear_error_before_training(
         small_model.save_pretrained(tmp_path / "model")
         model = str(tmp_path / "model")
     with pytest.raises(
-        ValueError, match=r"Token id \d+ in the prompt of row 0 \(counting from 0\) of the train dataset is out of range"
+        ValueError,
+        match=r"Token id \d+ in the prompt of row 0 \(counting from 0\) of the train dataset is out of range",
     ) as e:
         make_trainer(model, tiny_tokenizer, make_kto_dataset(8), tmp_path, precompute_ref_log_probs=precompute)
     message = str(e.value)

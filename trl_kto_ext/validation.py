@@ -46,15 +46,16 @@ def check_before_setup(model, args, trainer_kwargs: dict[str, Any]) -> int | Non
     return embedding_rows(model, args)
 
 
-def fit_max_length(model, args) -> None:
+def fit_max_length(model, args) -> int | None:
     """Keeps `args.max_length` within the model's positions (`max_position_embeddings` of its text config).
 
     Left at its default and larger than the model's limit, it is lowered to the limit (one line says so); set by the
     user above the limit, ValueError: tokens past the last position would index out of the position table.
+    Returns the limit (None when unknown), for `check_tokenized(position_limit=...)`.
     """
     limit = _position_limit(model, args)
     if limit is None or args.max_length is None or args.max_length <= limit:
-        return
+        return limit
     default = type(args).__dataclass_fields__["max_length"].default
     if args.max_length != default:
         raise ValueError(
@@ -64,6 +65,7 @@ def fit_max_length(model, args) -> None:
     if _main_process():
         print(f"max_length lowered from its default {default} to {limit}, the model's max_position_embeddings.")
     args.max_length = limit
+    return limit
 
 
 def _position_limit(model, args) -> int | None:
@@ -270,11 +272,19 @@ def check_chat_template(processing_class, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- tokenized dataset
-def check_tokenized(dataset, max_length: int | None, name: str, vocab_rows: int | None = None, tokenizer=None):
+def check_tokenized(
+    dataset,
+    max_length: int | None,
+    name: str,
+    vocab_rows: int | None = None,
+    tokenizer=None,
+    position_limit: int | None = None,
+):
     """Checks the tokenized rows and drops those whose prompt alone fills `max_length`, logging what is dropped.
 
     TRL's truncation keeps the start of prompt + completion; a row whose prompt has `max_length` tokens or more would
     keep no completion token, so it is dropped (as TRL does). Rows that are only partly truncated are counted too.
+    The advice names a `max_length` within `position_limit` (the model's `max_position_embeddings`, when known).
     Returns the dataset without the dropped rows.
     """
     if not isinstance(dataset, Dataset):  # an IterableDataset cannot be counted: filter lazily, as TRL does
@@ -300,9 +310,8 @@ def check_tokenized(dataset, max_length: int | None, name: str, vocab_rows: int 
     if dropped.all():
         raise ValueError(
             f"All {n} rows of the {name} dataset were dropped: each prompt alone has max_length={max_length} tokens "
-            f"or more (shortest prompt: {int(prompt_len.min())} tokens), so no completion token would remain. Raise "
-            f"`max_length` (to {int((prompt_len + completion_len).max())} to keep every row whole) or shorten the "
-            "prompts."
+            f"or more (shortest prompt: {int(prompt_len.min())} tokens), so no completion token would remain. "
+            + _length_advice(int((prompt_len + completion_len).max()), max_length, position_limit, "the prompts")
         )
     if _main_process() and dropped.any():
         logger.warning(
@@ -317,16 +326,26 @@ def check_tokenized(dataset, max_length: int | None, name: str, vocab_rows: int 
     if _main_process() and truncated.any():
         logger.warning(
             "%s dataset: truncated %d of %d rows longer than max_length=%d tokens (prompt + completion): TRL's "
-            "truncation keeps the start, so the end of their completion is not trained on%s. Raise `max_length` to "
-            "%d to keep every row whole.",
+            "truncation keeps the start, so the end of their completion is not trained on%s. %s",
             name,
             int(truncated.sum()),
             n,
             max_length,
             _more_rows(np.flatnonzero(truncated).tolist(), "truncated", always=True),
-            int((prompt_len + completion_len)[~dropped].max()),
+            _length_advice(int((prompt_len + completion_len)[~dropped].max()), max_length, position_limit, "them"),
         )
     return dataset.select(np.flatnonzero(~dropped)) if dropped.any() else dataset
+
+
+def _length_advice(needed: int, max_length: int, position_limit: int | None, what: str) -> str:
+    """How to keep rows of `needed` tokens whole: a larger `max_length` only when the model's positions allow it."""
+    if position_limit is None or needed <= position_limit:
+        return f"Raise `max_length` to {needed} to keep every row whole, or shorten {what}."
+    return (
+        f"Keeping every row whole needs {needed} tokens, longer than the model can take (max_position_embeddings "
+        f"{position_limit}): shorten the rows, or use a model with a longer context"
+        + (f" (max_length can go up to {position_limit})." if max_length < position_limit else ".")
+    )
 
 
 def _check_vocabulary(prompt_ids, completion_ids, vocab_rows: int, tokenizer, name: str) -> None:
