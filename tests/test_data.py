@@ -86,16 +86,16 @@ def test_prepare_names_first_bad_label():
     ds = Dataset.from_dict(
         {"prompt": ["a", "b", "c"], "completion": ["x", "y", "z"], "label": ["good", "maybe", "??"]}
     )
-    with pytest.raises(ValueError, match=r"'maybe' at row 1"):
+    with pytest.raises(ValueError, match=r"'maybe' at row 1 \(counting from 0\)"):
         prepare_unpaired(ds)
 
 
 def test_count_labels():
     ds = Dataset.from_dict({"label": [True, False, True]})
     assert count_labels(ds) == (2, 1)
-    with pytest.raises(ValueError, match=r"row 1 is None, not a bool"):
+    with pytest.raises(ValueError, match=r"row 1 \(counting from 0\) is None, not a bool"):
         count_labels(Dataset.from_dict({"label": [True, None]}))
-    with pytest.raises(ValueError, match=r"row 0 is 'yes', not a bool"):
+    with pytest.raises(ValueError, match=r"row 0 \(counting from 0\) is 'yes', not a bool"):
         count_labels(Dataset.from_dict({"label": ["yes", "no"]}))
     with pytest.raises(ValueError, match="No 'label' column"):
         count_labels(Dataset.from_dict({"x": [1]}))
@@ -129,15 +129,18 @@ def test_mapped_column_that_does_not_exist():
 
 def test_ambiguous_mapping():
     ds = Dataset.from_dict({"prompt": ["p"], "completion": ["c"], "response": ["r"], "label": [True]})
-    with pytest.raises(ValueError, match=r"completion_column='response' but 'response' also exists"):
+    with pytest.raises(ValueError, match=r"both column 'response' \(completion_column\) and column 'completion'"):
         prepare_unpaired(ds, completion_column="response")
-    with pytest.raises(ValueError, match=r"label_column='score' but 'score' is missing and 'label' exists"):
+    with pytest.raises(
+        ValueError,
+        match=r"Column 'score' \(label_column\) is not in the data; the data has 'label': pass label_column='label'",
+    ):
         prepare_unpaired(ds, label_column="score")
 
 
 def test_empty_completion_message():
     ds = Dataset.from_dict({"prompt": ["a", "b", "c"], "completion": ["x", "y", "   "], "label": [True, False, True]})
-    with pytest.raises(ValueError, match=r"completion at row 2 is empty"):
+    with pytest.raises(ValueError, match=r"completion at row 2 \(counting from 0\) is empty"):
         prepare_unpaired(ds)
 
 
@@ -156,7 +159,7 @@ def test_empty_conversational_prompt_message():
             },
         ]
     )
-    with pytest.raises(ValueError, match=r"prompt at row 1 is empty"):
+    with pytest.raises(ValueError, match=r"prompt at row 1 \(counting from 0\) is empty"):
         prepare_unpaired(ds)
 
 

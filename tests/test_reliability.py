@@ -54,12 +54,12 @@ def test_paired_data_missing_rejected(small_model, tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize(
     "labels,message",
     [
-        (["maybe"] * 8, r"label 'maybe' at row 0 of the train dataset \(a str; 8 rows have a label it cannot read"),
+        (["maybe"] * 8, r"label 'maybe' at row 0 \(counting from 0\) of the train dataset \(8 rows have a"),
         (
             [True, False, None, True, False, True, False, True],
-            r"label None at row 2 of the train dataset \(a NoneType\)\.",
+            r"label None at row 2 \(counting from 0\) of",
         ),
-        ([2] * 8, r"label 2 at row 0 of the train dataset \(a int; 8 rows"),
+        ([2] * 8, r"label 2 at row 0 \(counting from 0\) of the train dataset \(8 rows"),
     ],
 )
 def test_bad_labels_name_the_row_and_the_fix(small_model, tiny_tokenizer, tmp_path, labels, message):
@@ -71,7 +71,7 @@ def test_bad_labels_name_the_row_and_the_fix(small_model, tiny_tokenizer, tmp_pa
 
 def test_bad_label_in_eval_dataset(small_model, tiny_tokenizer, tmp_path):
     eval_set = with_column(make_kto_dataset(4, seed=1), "label", ["good", "bad", "meh", "good"])
-    with pytest.raises(ValueError, match=r"Unrecognised label 'meh' at row 2 of the eval dataset \(a str\)\."):
+    with pytest.raises(ValueError, match=r"label 'meh' at row 2 \(counting from 0\) of the eval dataset\."):
         KTOExtTrainer(
             model=small_model,
             args=cpu_args(tmp_path),
@@ -111,7 +111,9 @@ def test_empty_prompt_or_completion_names_the_row(small_model, tiny_tokenizer, t
     values[3] = [{"role": values[3][0]["role"], "content": "  "}] if conversational else "   "
     dataset = with_column(dataset, column, values)
     detail = r"no message has any content" if conversational else r"'   '"
-    with pytest.raises(ValueError, match=rf"{column} at row 3 of the train dataset is empty \({detail}\)") as err:
+    with pytest.raises(
+        ValueError, match=rf"{column} at row 3 \(counting from 0\) of the train dataset is empty \({detail}\)"
+    ) as err:
         make_trainer(small_model, tiny_tokenizer, dataset, tmp_path)
     assert "Fill in or drop such rows, e.g. `dataset = dataset.filter(lambda r: " in str(err.value)
 
@@ -119,7 +121,7 @@ def test_empty_prompt_or_completion_names_the_row(small_model, tiny_tokenizer, t
 @pytest.mark.parametrize(
     "prompt,message",
     [
-        (["1+1="], r"prompt at row 0 of the train dataset is not a list of \{'role', 'content'\} messages: message 0 "
+        (["1+1="], r"prompt at row 0 \(counting from 0\) of the train dataset is not a list of \{'role', 'content'\} messages: message 0 "
                    r"is '1\+1='"),
         ([{"content": "1+1="}], r"message 0 has no 'role'"),
         ([{"role": "user", "content": 7}], r"has a message 0 whose 'content' is a int, not text or a list of parts"),
@@ -137,7 +139,8 @@ def test_message_without_content_or_fields_is_empty(small_model, tiny_tokenizer,
     # A message may lack 'content' (e.g. an assistant turn holding only tool calls); with nothing else it is empty.
     dataset = with_column(make_kto_dataset(4, seed=0, conversational=True), "prompt", [[{"role": "user"}]] * 4)
     with pytest.raises(
-        ValueError, match=r"prompt at row 0 of the train dataset is empty \(no message has any content"
+        ValueError,
+        match=r"prompt at row 0 \(counting from 0\) of the train dataset is empty \(no message has any content",
     ):
         make_trainer(small_model, tiny_tokenizer, dataset, tmp_path)
 
@@ -151,7 +154,9 @@ def test_text_prompt_with_conversational_completion(small_model, tiny_tokenizer,
 
 def test_wrong_text_type(small_model, tiny_tokenizer, tmp_path):
     dataset = with_column(make_kto_dataset(4, seed=0), "completion", [1, 2, 3, 4])
-    with pytest.raises(ValueError, match=r"completion at row 0 of the train dataset is a int \('1'\), not text or"):
+    with pytest.raises(
+        ValueError, match=r"completion at row 0 \(counting from 0\) of the train dataset is a int \('1'\), not text or"
+    ):
         make_trainer(small_model, tiny_tokenizer, dataset, tmp_path)
 
 
@@ -208,7 +213,8 @@ def test_vocabulary_mismatch_is_a_clear_error_before_training(
         small_model.save_pretrained(tmp_path / "model")
         model = str(tmp_path / "model")
     with pytest.raises(
-        ValueError, match=r"Token id \d+ in the prompt of row 0 of the train dataset is out of range"
+        ValueError,
+        match=r"Token id \d+ in the prompt of row 0 \(counting from 0\) of the train dataset is out of range",
     ) as e:
         make_trainer(model, tiny_tokenizer, make_kto_dataset(8), tmp_path, precompute_ref_log_probs=precompute)
     message = str(e.value)

@@ -107,7 +107,7 @@ def test_template_that_cannot_render_the_call_is_refused(small_model, tiny_token
         KTOExtTrainer(model=small_model, args=cpu_args(tmp_path), train_dataset=_tool_rows(None),
                       processing_class=tiny_tokenizer)  # fmt: skip
     assert str(err.value).startswith(
-        "completion at row 0 of the train dataset cannot be rendered by the tokenizer's chat template ("
+        "completion at row 0 (counting from 0) of the train dataset cannot be rendered by the tokenizer's chat template ("
     )
     assert "content" in str(err.value)  # the template's own error names what it could not render
     assert str(err.value).endswith(
@@ -122,7 +122,7 @@ def test_template_that_ignores_the_call_is_refused(small_model, tiny_tokenizer, 
         KTOExtTrainer(model=small_model, args=cpu_args(tmp_path), train_dataset=_tool_rows(""),
                       processing_class=tiny_tokenizer)  # fmt: skip
     assert str(err.value) == (
-        "completion at row 0 of the train dataset renders no text with the tokenizer's chat template: the template "
+        "completion at row 0 (counting from 0) of the train dataset renders no text with the tokenizer's chat template: the template "
         "does not show its ['tool_calls'], so KTO would train on nothing there. Use a chat template that renders "
         "them (e.g. the model's own, with tool calls) or drop such rows."
     )

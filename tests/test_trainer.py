@@ -202,7 +202,7 @@ def test_weight_advice_is_given_once_not_again_by_trl(small_model, tiny_tokenize
 
 def test_non_boolean_labels_are_a_clear_error(small_model, tiny_tokenizer, tmp_path):
     dataset = make_kto_dataset(6, seed=9).map(lambda r: {"label": "maybe"})
-    with pytest.raises(ValueError, match=r"Unrecognised label 'maybe' at row 0 of the train dataset"):
+    with pytest.raises(ValueError, match=r"Unrecognised label 'maybe' at row 0 \(counting from 0\) of the train"):
         KTOExtTrainer(
             model=small_model, args=cpu_args(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer
         )

@@ -7,7 +7,9 @@ import argparse
 import contextlib
 import difflib
 import enum
+import functools
 import inspect
+import logging
 import os
 import re
 import sys
@@ -292,7 +294,10 @@ def get_kbit_device_map() -> dict[str, int] | None:
 
 def load_datasets(script_args, training_args):
     """(train, eval or None, tiny_heldout or None) from `dataset_name`; SystemExit with the loader's message."""
-    from .data import load_unpaired_dataset, subsample_class, train_eval_split
+    from .data import count_labels, load_unpaired_dataset, subsample_class, train_eval_split
+    from .data import logger as data_logger
+    from .loss_aversion import resolve_loss_aversion
+    from .validation import check_dataset
 
     want_eval = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
     if script_args.dataset_streaming:
@@ -310,22 +315,37 @@ def load_datasets(script_args, training_args):
         else:
             load = {k: getattr(script_args, k) for k in ("dataset_config", *(f"{c}_column" for c in COLUMNS))}
             load["seed"] = seed
-            train = load_unpaired_dataset(script_args.dataset_name, split=script_args.dataset_train_split, **load)
-            if want_eval:
-                split = script_args.dataset_test_split
-                try:
-                    eval_set = load_unpaired_dataset(script_args.dataset_name, split=split, **load)
-                except ValueError as err:
-                    if not str(err).startswith(f"Split {split!r} not") or not script_args.eval_fraction > 0:
-                        raise
-                    print(f"No {split!r} split: holding out eval_fraction={script_args.eval_fraction} of the rows.")
-                    train, eval_set = train_eval_split(train, script_args.eval_fraction, seed=seed)
+            with _quiet(data_logger):  # a one-class training set stops below with the trainer's message instead
+                train = load_unpaired_dataset(script_args.dataset_name, split=script_args.dataset_train_split, **load)
+                # The trainer's row checks, on the rows as loaded: a message names the row as in the user's file
+                # (holding out an eval split below renumbers the rows).
+                check_dataset(train, None, "train")
+                if want_eval:
+                    split = script_args.dataset_test_split
+                    try:
+                        eval_set = load_unpaired_dataset(script_args.dataset_name, split=split, **load)
+                    except ValueError as err:
+                        if not str(err).startswith(f"Split {split!r} not") or not script_args.eval_fraction > 0:
+                            raise
+                        report = functools.partial(print, f"No {split!r} split:")
+                        train, eval_set = train_eval_split(train, script_args.eval_fraction, seed=seed, report=report)
         fractions = (script_args.desirable_fraction, script_args.undesirable_fraction)
         if fractions != (1.0, 1.0):
             train = subsample_class(train, *fractions, seed=seed)
+        resolve_loss_aversion(*count_labels(train))  # one class: the trainer's message, before the model loads
     except (FileNotFoundError, ValueError) as err:
         _fail(as_flags(str(err)))
     return train, eval_set, heldout
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    """`logger` silenced inside the block."""
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 # Keyword arguments of trl_kto_ext.data that are also options of this command, as messages name them in Python.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
 import socket
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,13 @@ from datasets import Dataset, DatasetDict, Value
 from .labels import decode_labels, label_values
 from .labels import normalize_label as normalize_label  # re-exported: part of this module's public API
 from .messages import has_payload
+from .rows import row_ref
 from .unpairing import _check_dataset, _extract_prompt, _plain, is_paired, unpair_paired_dataset
+
+logger = logging.getLogger(__name__)
+
+# Prompts held out at least by `train_eval_split` when the data has twice as many: eval KL rows pair within the set.
+MIN_EVAL_PROMPTS = 2
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _FORMATS = ", ".join(_BUILDERS)
@@ -40,7 +47,9 @@ def count_labels(dataset: Dataset) -> tuple[int, int]:
     n_true = 0
     for row, value in enumerate(label_values(dataset)):
         if not isinstance(value, bool):
-            raise ValueError(f"label at row {row} is {value!r}, not a bool; run prepare_unpaired() to convert labels.")
+            raise ValueError(
+                f"label at {row_ref(row)} is {value!r}, not a bool; run prepare_unpaired() to convert labels."
+            )
         n_true += value
     return n_true, len(dataset) - n_true
 
@@ -58,9 +67,11 @@ def _check_text_columns(dataset: Dataset, columns: list[str]) -> None:
     for column in columns:
         for row, value in enumerate(plain[column]):
             if not isinstance(value, (str, list)):
-                raise ValueError(f"{column} at row {row} is {value!r}, not text or a list of messages; fix that row.")
+                raise ValueError(
+                    f"{column} at {row_ref(row)} is {value!r}, not text or a list of messages; fix that row."
+                )
             if _is_blank(value):
-                raise ValueError(f"{column} at row {row} is empty ({value!r}); fill in or drop that row.")
+                raise ValueError(f"{column} at {row_ref(row)} is empty ({value!r}); fill in or drop that row.")
 
 
 def subsample_class(
@@ -95,8 +106,16 @@ def _rename(dataset: Dataset, mapping: dict[str, str]) -> tuple[Dataset, dict[st
             continue
         wanted[target] = source
         if target in cols:  # silently using the default-named column instead would train on the wrong data
-            state = "also exists" if source in cols else "is missing"
-            raise ValueError(f"{target}_column={source!r} but {source!r} {state} and {target!r} exists; drop one.")
+            if source in cols:
+                raise ValueError(
+                    f"The data has both column {source!r} ({target}_column) and column {target!r}: it is unclear which "
+                    f"one holds the {target}. Remove or rename the column you do not mean, or pass "
+                    f"{target}_column={target!r} to use {target!r}."
+                )
+            raise ValueError(
+                f"Column {source!r} ({target}_column) is not in the data; the data has {target!r}: pass "
+                f"{target}_column={target!r} (the default) or rename the column."
+            )
         if source in cols:
             renames[source] = target
     return (dataset.rename_columns(renames) if renames else dataset), wanted
@@ -153,8 +172,12 @@ def prepare_unpaired(
         dataset = subsample_class(dataset, desirable_fraction, undesirable_fraction, seed=seed)
     n_des, n_und = count_labels(dataset)
     if n_des == 0 or n_und == 0:
-        # Fine for an eval set, but training needs both classes (and auto loss aversion divides by their counts).
-        warnings.warn(f"Only one label present ({n_des} desirable, {n_und} undesirable).", stacklevel=2)
+        # Fine for an eval set; the trainer refuses it as a training set (the loss aversion needs both classes).
+        logger.warning(
+            "Only one label present (%d desirable, %d undesirable): fine for evaluation, but training needs both.",
+            n_des,
+            n_und,
+        )
     return dataset
 
 
@@ -341,11 +364,16 @@ def _check_hub_reachable(dataset_name: str) -> None:
         ) from None
 
 
-def train_eval_split(dataset: Dataset, eval_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+def train_eval_split(
+    dataset: Dataset, eval_fraction: float, seed: int = 0, *, report: Callable[[str], Any] | None = None
+) -> tuple[Dataset, Dataset]:
     """Hold out about `eval_fraction` of the rows, keeping every row of one prompt on the same side (unseen prompts).
 
-    Whole prompt groups, in seeded random order, go to eval until it holds at least round(eval_fraction * n) rows;
-    at least one group always stays in train. Row order is preserved within each side.
+    Whole prompt groups, in seeded random order, go to eval until it holds at least round(eval_fraction * n) rows and,
+    when the data has 4 or more prompts, at least `MIN_EVAL_PROMPTS` (2) of them, so that the evaluation's KL rows
+    can pair completions with other prompts of the evaluation set; at least one group always stays in train. Row order
+    is preserved within each side. `report`, if given (e.g. `print`), receives one line saying what was held out.
+    Raises ValueError when eval_fraction is outside (0, 1), there is no `prompt` column, or all rows share one prompt.
     """
     dataset = _check_dataset(dataset)
     if not 0 < eval_fraction < 1:
@@ -361,11 +389,22 @@ def train_eval_split(dataset: Dataset, eval_fraction: float, seed: int = 0) -> t
         raise ValueError(f"Cannot split by prompt: all {len(dataset)} rows share one prompt; need 2 or more.")
     members = list(groups.values())
     target = max(1, round(eval_fraction * len(dataset)))
+    min_groups = MIN_EVAL_PROMPTS if len(members) >= 2 * MIN_EVAL_PROMPTS else 1
     eval_rows: list[int] = []
+    n_groups = 0
+    raised = False
     for g in np.random.default_rng(seed).permutation(len(members))[:-1]:  # never move the last group
-        if len(eval_rows) >= target:
+        if len(eval_rows) >= target and n_groups >= min_groups:
             break
+        raised = len(eval_rows) >= target  # this group is added only to reach min_groups
         eval_rows.extend(members[g])
+        n_groups += 1
+    if report is not None:
+        why = f"eval_fraction={eval_fraction} rounds to fewer than {min_groups} prompts" if raised else None
+        report(
+            f"holding out {n_groups} of {len(members)} prompts ({len(eval_rows)} rows; "
+            f"{why or f'eval_fraction={eval_fraction}'})."
+        )
     eval_set = set(eval_rows)
     train_rows = [i for i in range(len(dataset)) if i not in eval_set]
     return dataset.select(train_rows), dataset.select(sorted(eval_rows))

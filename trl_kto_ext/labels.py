@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, Dataset, IterableDataset, Value
 
+from .rows import more_rows, row_ref
+
 _TRUE = "true 1 desirable good up thumbs_up 👍 yes positive chosen".split()
 _FALSE = "false 0 undesirable bad down thumbs_down 👎 no negative rejected".split()
 _LABELS = {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}
@@ -32,7 +34,7 @@ def normalize_label(value: Any, row: int) -> bool:
     if isinstance(value, str) and (meaning := text_label(value)) is not None:
         return meaning
     raise ValueError(
-        f"Unrecognised label {value!r} at row {row}. Accepted labels: {ACCEPTED}. "
+        f"Unrecognised label {value!r} at {row_ref(row)}. Accepted labels: {ACCEPTED}. "
         "Fix the value in the data, or map it to one of these before loading."
     )
 
@@ -67,7 +69,9 @@ def _decode(codes: list[Any], meanings: list[bool], offset: int = 0) -> list[boo
     out = []
     for row, code in enumerate(codes, offset):
         if not isinstance(code, numbers.Integral) or not 0 <= code < len(meanings):
-            raise ValueError(f"label at row {row} is {code!r}, not a class of the ClassLabel; fix or drop that row.")
+            raise ValueError(
+                f"label at {row_ref(row)} is {code!r}, not a class of the ClassLabel; fix or drop that row."
+            )
         out.append(meanings[code])
     return out
 
@@ -119,11 +123,10 @@ def _read(values: list[Any], offset: int = 0, name: str | None = None) -> list[b
             bad.append(row)
     if bad:
         value = values[bad[0] - offset]
-        more = f"; {len(bad)} rows have a label it cannot read, the first {min(len(bad), 5)}: {bad[:5]}"
         raise ValueError(
-            f"Unrecognised label {value!r} at row {bad[0]}{f' of the {name} dataset' if name else ''} "
-            f"(a {type(value).__name__}{more if len(bad) > 1 else ''}). Accepted labels: {ACCEPTED}. Fix or drop "
-            "that row, or map it to one of these before training."
+            f"Unrecognised label {value!r} at {row_ref(bad[0])}"
+            f"{f' of the {name} dataset' if name else ''}{more_rows(bad, 'have a label it cannot read')}. "
+            f"Accepted labels: {ACCEPTED}. Fix or drop that row, or map it to one of these before training."
         )
     return out
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .rows import row_ref
+
 _ROLES = {"system", "user", "assistant"}
 
 
@@ -102,14 +104,14 @@ def check_rendered(processing_class, rows: list[dict[str, Any]], columns: list[s
                 blank = render(prompt + _blanked(value), **kwargs)
             except Exception as err:  # any template error: TRL's tokenization would stop on the same row
                 raise ValueError(
-                    f"{column} at row {row} of the {name} dataset cannot be rendered by the tokenizer's chat template "
+                    f"{column} at {row_ref(row)} of the {name} dataset cannot be rendered by the tokenizer's chat template "
                     f"({type(err).__name__}: {err}). Use a chat template that supports these messages (tool calls, "
                     "content parts, ...) or convert that row's messages to plain text content."
                 ) from None
             if full == blank:
                 fields = sorted({k for m in value for k, v in m.items() if k != "role" and _filled(v)})
                 raise ValueError(
-                    f"{column} at row {row} of the {name} dataset renders no text with the tokenizer's chat template: "
+                    f"{column} at {row_ref(row)} of the {name} dataset renders no text with the tokenizer's chat template: "
                     f"the template does not show its {fields}, so KTO would train on nothing there. Use a chat "
                     "template that renders them (e.g. the model's own, with tool calls) or drop such rows."
                 )

@@ -6,6 +6,8 @@ import itertools
 import random
 from collections import deque
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from datasets import Dataset
 
@@ -78,17 +80,30 @@ def add_dataset_kl_pairing(dataset, seed: int):
     return dataset.add_column("KL_completion_ids", [list(completions[j]) for j in partners])
 
 
+@dataclass(frozen=True)
+class FallbackSource:
+    """Rows to draw KL completions from when a batch cannot pair, and how a message names them ("the training set").
+
+    `rows`: a map-style `Dataset` (or any sequence of rows) or an iterable one (see `MismatchedCompletions`).
+    """
+
+    rows: Any
+    name: str
+
+
 class MismatchedCompletions:
     """Draws, for each row of a batch, a completion written for another prompt.
 
-    From the batch first (`draw_kl_partners`), then from the rows of recently collated batches, then from
-    `fallback`: rows with random access (a map-style `Dataset`), or an iterable one (an `IterableDataset`) whose first
-    `lookahead` rows are read once, by a fresh iterator, the first time they are needed.
+    From the batch first (`draw_kl_partners`), then from the rows of recently collated batches, then from the
+    fallback rows in order: rows with random access (a map-style `Dataset`), or an iterable one (an
+    `IterableDataset`) whose first `lookahead` rows are read once, by a fresh iterator, the first time they are
+    needed. Any completion written for another prompt is a valid mismatched completion, wherever it comes from.
 
     Args:
         seed: seed of every draw.
         history_size: number of recent (prompt key, completion) rows kept.
-        fallback: rows to draw from when the batch and the history have no other prompt, or None.
+        fallback: rows to draw from when the batch and the history have no other prompt: one set of rows, a sequence
+            of `FallbackSource`s tried in order (an evaluation set, then the training set), or None.
         row_pair: maps a fallback row to its (prompt key, completion).
         lookahead: rows read from an iterable `fallback`.
     """
@@ -96,10 +111,16 @@ class MismatchedCompletions:
     def __init__(self, seed: int, history_size: int, fallback, row_pair, lookahead: int = 1000):
         self.rng = random.Random(seed)
         self.history: deque = deque(maxlen=history_size)
-        self._fallback = fallback
+        if isinstance(fallback, (list, tuple)) and fallback and all(isinstance(f, FallbackSource) for f in fallback):
+            self._named = True
+            sources = list(fallback)
+        else:
+            self._named = False
+            sources = [] if fallback is None else [FallbackSource(fallback, "the fallback rows")]
+        self._sources = [source for source in sources if source.rows is not None]
         self._row_pair = row_pair
         self._lookahead = lookahead
-        self._stream_rows: list | None = None
+        self._stream_rows: dict[int, list] = {}
 
     def draw(self, keys: Sequence[Hashable], completions: Sequence) -> list:
         """The completion paired with each row's prompt; ValueError when no row with another prompt exists."""
@@ -108,21 +129,24 @@ class MismatchedCompletions:
         self.history.extend(zip(keys, completions))
         return drawn
 
-    def _fallback_rows(self):
-        fallback = self._fallback
-        if fallback is None or (hasattr(fallback, "__getitem__") and hasattr(fallback, "__len__")):
+    def _fallback_rows(self, index: int):
+        fallback = self._sources[index].rows
+        if hasattr(fallback, "__getitem__") and hasattr(fallback, "__len__"):
             return fallback
-        if self._stream_rows is None:  # a stream: a bounded look-ahead, read by its own iterator
-            self._stream_rows = [self._row_pair(row) for row in itertools.islice(iter(fallback), self._lookahead)]
-        return _Rows(self._stream_rows)
+        if index not in self._stream_rows:  # a stream: a bounded look-ahead, read by its own iterator
+            rows = [self._row_pair(row) for row in itertools.islice(iter(fallback), self._lookahead)]
+            self._stream_rows[index] = rows
+        return _Rows(self._stream_rows[index])
 
     def _from_elsewhere(self, prompt_key):
         candidates = [completion for key, completion in self.history if key != prompt_key]
         if candidates:
             return self.rng.choice(candidates)
-        rows = self._fallback_rows()
-        if rows is not None and len(rows) > 0:
+        for index in range(len(self._sources)):
+            rows = self._fallback_rows(index)
             n = len(rows)
+            if n == 0:
+                continue
             for _ in range(_DATASET_DRAWS):
                 key, completion = self._row(rows, self.rng.randrange(n))
                 if key != prompt_key:
@@ -132,16 +156,28 @@ class MismatchedCompletions:
                 key, completion = self._row(rows, (start + offset) % n)
                 if key != prompt_key:
                     return completion
+        raise ValueError(self._no_partner_message())
+
+    def _no_partner_message(self) -> str:
+        why = (
+            "KTO estimates its reference point from (prompt, completion) pairs with mismatched prompts, so the data "
+            "needs at least two distinct prompts"
+        )
+        if self._named:  # sources named by the trainer: the user never built a collator
+            names = " and ".join(source.name for source in self._sources)
+            return (
+                f"Cannot build a KL row: every row of {names} has the same prompt. {why}: add rows with other "
+                f"prompts to {self._sources[0].name} (with the command line, a larger eval_fraction holds out more "
+                "prompts)."
+            )
         where = (
             "the batch, the recent batches and the fallback rows all share one prompt"
-            if rows is not None
+            if self._sources
             else "the batch and the recent batches share one prompt, and there are no fallback rows"
         )
-        raise ValueError(
-            f"Cannot build a KL row: no example with a different prompt is available ({where}). "
-            "KTO estimates its reference point from (prompt, completion) pairs with mismatched prompts, so the data "
-            "needs at least two distinct prompts; when using the collator on its own, pass `fallback_dataset=` (or a "
-            "batch with two prompts)."
+        return (
+            f"Cannot build a KL row: no example with a different prompt is available ({where}). {why}; when using "
+            "the collator on its own, pass `fallback_dataset=` (or a batch with two prompts)."
         )
 
     def _row(self, rows, index: int):

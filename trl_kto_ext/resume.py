@@ -8,6 +8,7 @@ import os
 from collections import deque
 
 from .collator import KTOExtCollator
+from .pairing import FallbackSource
 from .vision import KTOExtVisionCollator
 
 # Collators that draw the KL pairing themselves and carry a state to save.
@@ -35,18 +36,31 @@ class _PairingRecorder:
 
 def collator_for_dataloader(trainer, is_training: bool, dataset=None):
     """The collate function of a new dataloader: training batches are recorded (see `_PairingRecorder`); evaluation
-    gets a fresh copy of the collator that falls back on `dataset` itself (the evaluation set) for the KL rows a
-    batch cannot pair, so evaluating neither moves the training pairing nor depends on when it runs.
+    gets a fresh copy of the collator that falls back on `dataset` itself (the evaluation set), then on the training
+    set, for the KL rows a batch cannot pair, so evaluating neither moves the training pairing nor depends on when it
+    runs.
     """
     collator = trainer.data_collator
     if not isinstance(collator, _PAIRING_COLLATORS):
         return collator
     if not is_training:
-        return dataclasses.replace(
-            collator, fallback_dataset=dataset if dataset is not None else collator.fallback_dataset
-        )
+        return dataclasses.replace(collator, fallback_dataset=_eval_fallback(trainer, collator, dataset))
     trainer._pairing_pending = deque()
     return _PairingRecorder(collator, trainer._pairing_pending)
+
+
+def _eval_fallback(trainer, collator, dataset) -> list[FallbackSource]:
+    """The evaluation set, then the training set (or the collator's own fallback rows): a completion written for
+    another prompt of either is a valid mismatched completion for an evaluation row."""
+    sources = [FallbackSource(dataset, "the evaluation set")] if dataset is not None else []
+    own = collator.fallback_dataset
+    if isinstance(own, (list, tuple)) and all(isinstance(source, FallbackSource) for source in own):
+        return sources + list(own)
+    if own is None or own is trainer.train_dataset:
+        sources.append(FallbackSource(trainer.train_dataset, "the training set"))
+    else:
+        sources.append(FallbackSource(own, "the collator's fallback_dataset"))
+    return sources
 
 
 def _state_path(trainer, directory: str) -> str:

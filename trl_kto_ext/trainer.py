@@ -81,7 +81,7 @@ class KTOExtTrainer(KTOTrainer):
         if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
             check_kbit_backend(args.device.type)  # a clear message before any weights are loaded
         self._vocab_rows = validation.check_before_setup(model, args, kwargs)  # empty train set, pad token
-        validation.fit_max_length(model, args)  # within the model's position embeddings
+        self._position_limit = validation.fit_max_length(model, args)  # within the model's position embeddings
         if ref_model is None and _needs_reference_copy(model, args, kwargs.get("peft_config")):
             # TRL reloads the reference from `model.config._name_or_path`, which fails for a model built in memory and
             # is wrong for one changed since loading (e.g. after SFT in the same notebook): copy the model as given.
@@ -151,7 +151,14 @@ class KTOExtTrainer(KTOTrainer):
         # TRL's own weight advice repeats ours with other bounds (ours: loss_aversion.resolve_loss_aversion): dropped.
         with _attribute(self, "calculate_KL", False), _attribute(args, "max_length", None), _without_trl_advice():
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        dataset = validation.check_tokenized(dataset, args.max_length, dataset_name, self._vocab_rows, self._tokenizer)
+        dataset = validation.check_tokenized(
+            dataset,
+            args.max_length,
+            dataset_name,
+            self._vocab_rows,
+            self._tokenizer,
+            position_limit=self._position_limit,
+        )
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
             dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
         return dataset

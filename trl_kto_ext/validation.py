@@ -18,10 +18,11 @@ from datasets import Dataset, IterableDataset
 
 from .labels import decode_labels
 from .messages import check_rendered, structure_problem
+from .rows import more_rows as _more_rows
+from .rows import row_ref
 
 logger = logging.getLogger(__name__)
 
-_SHOWN_ROWS = 5  # rows listed in a message
 _STREAM_SAMPLE = 64  # rows of an IterableDataset checked (it cannot be scanned without consuming it)
 _UNPAIRED = ("prompt", "completion", "label")
 _LAYOUTS = "`prompt`, `completion`, `label` (unpaired) or `prompt`, `chosen`, `rejected` (paired)"
@@ -45,15 +46,16 @@ def check_before_setup(model, args, trainer_kwargs: dict[str, Any]) -> int | Non
     return embedding_rows(model, args)
 
 
-def fit_max_length(model, args) -> None:
+def fit_max_length(model, args) -> int | None:
     """Keeps `args.max_length` within the model's positions (`max_position_embeddings` of its text config).
 
     Left at its default and larger than the model's limit, it is lowered to the limit (one line says so); set by the
     user above the limit, ValueError: tokens past the last position would index out of the position table.
+    Returns the limit (None when unknown), for `check_tokenized(position_limit=...)`.
     """
     limit = _position_limit(model, args)
     if limit is None or args.max_length is None or args.max_length <= limit:
-        return
+        return limit
     default = type(args).__dataclass_fields__["max_length"].default
     if args.max_length != default:
         raise ValueError(
@@ -63,6 +65,7 @@ def fit_max_length(model, args) -> None:
     if _main_process():
         print(f"max_length lowered from its default {default} to {limit}, the model's max_position_embeddings.")
     args.max_length = limit
+    return limit
 
 
 def _position_limit(model, args) -> int | None:
@@ -155,7 +158,9 @@ def check_dataset(dataset, processing_class, name: str) -> None:
     """Columns, labels and text of a dataset given to the trainer, before tokenization.
 
     A map-style Dataset is checked row by row; an IterableDataset on its first rows only. A `ClassLabel` label is
-    read by its class names (ValueError when they are not recognised).
+    read by its class names (ValueError when they are not recognised). With `processing_class=None` the checks that
+    need the tokenizer (chat template, rendering) are skipped: the command line checks the rows so, as loaded, before
+    holding out an eval split, so that a message names the row as numbered in the user's file.
     """
     if isinstance(dataset, (Dataset, IterableDataset)):
         dataset = decode_labels(dataset, name)
@@ -181,7 +186,7 @@ def check_dataset(dataset, processing_class, name: str) -> None:
     text_columns = _check_columns(columns, values, name)
     if "completion" in text_columns:
         check_labels(values("label"), name)
-    if _check_text(text_columns, values, name):
+    if _check_text(text_columns, values, name) and processing_class is not None:
         check_chat_template(processing_class, name)
         extra = [c for c in ("prompt", "tools", "chat_template_kwargs") if c in columns and c not in text_columns]
         table = {c: values(c) for c in (*text_columns, *extra)}
@@ -214,7 +219,7 @@ def check_labels(labels: list[Any], name: str) -> None:
     if bad:
         value = labels[bad[0]]
         raise ValueError(
-            f"Row {bad[0]} has label {value!r} ({type(value).__name__}) in the {name} dataset"
+            f"{row_ref(bad[0]).capitalize()} has label {value!r} ({type(value).__name__}) in the {name} dataset"
             f"{_more_rows(bad, 'have a label that is not a boolean')}. {_LABEL_HINT}"
         )
 
@@ -240,7 +245,7 @@ def _check_text(columns: list[str], values, name: str) -> bool:
             }[kind]
             rows = [r for r, _ in problems]
             raise ValueError(
-                f"{column} at row {row} of the {name} dataset {description}{_more_rows(rows, 'have this problem', '; ')}"
+                f"{column} at {row_ref(row)} of the {name} dataset {description}{_more_rows(rows, 'have this problem', '; ')}"
                 f". {fix}"
             )
         kinds[column] = isinstance(column_values[0], list)
@@ -248,7 +253,7 @@ def _check_text(columns: list[str], values, name: str) -> bool:
         conversational = [c for c, k in kinds.items() if k]
         text = [c for c, k in kinds.items() if not k]
         raise ValueError(
-            f"In the {name} dataset, {conversational} hold lists of messages but {text} hold plain text (row 0). "
+            f"In the {name} dataset, {conversational} hold lists of messages but {text} hold plain text (row 0, counting from 0). "
             "A row must be all text or all conversational: convert one side, e.g. wrap the text as "
             "[{'role': 'assistant', 'content': text}]."
         )
@@ -266,21 +271,20 @@ def check_chat_template(processing_class, name: str) -> None:
         )
 
 
-def _more_rows(rows: list[int], what: str, style: str = " (", always: bool = False) -> str:
-    """' (3 rows <what>: 1, 4, 7)' (or '; 3 rows ...' with style='; '); empty for a single row unless `always`."""
-    if len(rows) <= 1 and not always:
-        return ""
-    extra = len(rows) - _SHOWN_ROWS
-    shown = ", ".join(map(str, rows[:_SHOWN_ROWS])) + (f" and {extra} more" if extra > 0 else "")
-    return f"{style}{len(rows)} row{'s' if len(rows) > 1 else ''} {what}: {shown}{')' if style == ' (' else ''}"
-
-
 # ----------------------------------------------------------------------------------------- tokenized dataset
-def check_tokenized(dataset, max_length: int | None, name: str, vocab_rows: int | None = None, tokenizer=None):
+def check_tokenized(
+    dataset,
+    max_length: int | None,
+    name: str,
+    vocab_rows: int | None = None,
+    tokenizer=None,
+    position_limit: int | None = None,
+):
     """Checks the tokenized rows and drops those whose prompt alone fills `max_length`, logging what is dropped.
 
     TRL's truncation keeps the start of prompt + completion; a row whose prompt has `max_length` tokens or more would
     keep no completion token, so it is dropped (as TRL does). Rows that are only partly truncated are counted too.
+    The advice names a `max_length` within `position_limit` (the model's `max_position_embeddings`, when known).
     Returns the dataset without the dropped rows.
     """
     if not isinstance(dataset, Dataset):  # an IterableDataset cannot be counted: filter lazily, as TRL does
@@ -292,7 +296,7 @@ def check_tokenized(dataset, max_length: int | None, name: str, vocab_rows: int 
     empty = np.flatnonzero(completion_len == 0).tolist()
     if empty:
         raise ValueError(
-            f"The completion at row {empty[0]} of the {name} dataset has no tokens after tokenization"
+            f"The completion at {row_ref(empty[0])} of the {name} dataset has no tokens after tokenization"
             f"{_more_rows(empty, 'have no completion token')}: there is nothing to learn from. Check that the text "
             "(or the chat template's rendering of the assistant message) is not empty, then fix or drop that row."
         )
@@ -306,9 +310,8 @@ def check_tokenized(dataset, max_length: int | None, name: str, vocab_rows: int 
     if dropped.all():
         raise ValueError(
             f"All {n} rows of the {name} dataset were dropped: each prompt alone has max_length={max_length} tokens "
-            f"or more (shortest prompt: {int(prompt_len.min())} tokens), so no completion token would remain. Raise "
-            f"`max_length` (to {int((prompt_len + completion_len).max())} to keep every row whole) or shorten the "
-            "prompts."
+            f"or more (shortest prompt: {int(prompt_len.min())} tokens), so no completion token would remain. "
+            + _length_advice(int((prompt_len + completion_len).max()), max_length, position_limit, "the prompts")
         )
     if _main_process() and dropped.any():
         logger.warning(
@@ -323,16 +326,26 @@ def check_tokenized(dataset, max_length: int | None, name: str, vocab_rows: int 
     if _main_process() and truncated.any():
         logger.warning(
             "%s dataset: truncated %d of %d rows longer than max_length=%d tokens (prompt + completion): TRL's "
-            "truncation keeps the start, so the end of their completion is not trained on%s. Raise `max_length` to "
-            "%d to keep every row whole.",
+            "truncation keeps the start, so the end of their completion is not trained on%s. %s",
             name,
             int(truncated.sum()),
             n,
             max_length,
             _more_rows(np.flatnonzero(truncated).tolist(), "truncated", always=True),
-            int((prompt_len + completion_len)[~dropped].max()),
+            _length_advice(int((prompt_len + completion_len)[~dropped].max()), max_length, position_limit, "them"),
         )
     return dataset.select(np.flatnonzero(~dropped)) if dropped.any() else dataset
+
+
+def _length_advice(needed: int, max_length: int, position_limit: int | None, what: str) -> str:
+    """How to keep rows of `needed` tokens whole: a larger `max_length` only when the model's positions allow it."""
+    if position_limit is None or needed <= position_limit:
+        return f"Raise `max_length` to {needed} to keep every row whole, or shorten {what}."
+    return (
+        f"Keeping every row whole needs {needed} tokens, longer than the model can take (max_position_embeddings "
+        f"{position_limit}): shorten the rows, or use a model with a longer context"
+        + (f" (max_length can go up to {position_limit})." if max_length < position_limit else ".")
+    )
 
 
 def _check_vocabulary(prompt_ids, completion_ids, vocab_rows: int, tokenizer, name: str) -> None:
@@ -353,7 +366,7 @@ def _check_vocabulary(prompt_ids, completion_ids, vocab_rows: int, tokenizer, na
             first = int(np.flatnonzero(flat >= vocab_rows)[0])
             row = int(pc.list_parent_indices(ids).to_numpy(zero_copy_only=False)[first])
             raise ValueError(
-                f"Token id {int(flat[first])} in the {column} of row {row} of the {name} dataset is out of range for "
+                f"Token id {int(flat[first])} in the {column} of {row_ref(row)} of the {name} dataset is out of range for "
                 f"the model, whose input embedding has {vocab_rows} rows (ids 0..{vocab_rows - 1}), while {size}. "
                 f"{fix}"
             )
