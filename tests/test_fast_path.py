@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import cpu_args
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from test_loss import reference_kto
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -341,3 +341,22 @@ def test_fast_path_is_used_for_policy_and_reference(small_model, tiny_tokenizer,
                     got = completion_logps(model, *target).log_probs.sum(-1).double()
                 assert torch.allclose(got, wanted, rtol=1e-6, atol=0)
     assert set(path._verdict) == lms and all(path._verdict.values())
+
+
+def test_fallback_is_said_once_per_trainer(small_model, tiny_tokenizer, tmp_path, caplog):
+    """Prompt tuning adds virtual tokens, so the fast path cannot apply: the trainer runs TRL's path (verdict off) and
+    says so once, at info level, whatever the number of passes."""
+    model = get_peft_model(small_model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    args = cpu_args(tmp_path, max_steps=2, per_device_train_batch_size=4)
+    with caplog.at_level(logging.INFO, logger="trl_kto_ext.fast_path"):
+        trainer = KTOExtTrainer(
+            model=model, args=args, train_dataset=odd_length_dataset(12, seed=6), processing_class=tiny_tokenizer
+        )
+        trainer.train()
+    assert list(fast_path(trainer)._verdict.values()) == [False]
+    message = (
+        "Using TRL's standard log-prob computation for the model (LlamaForCausalLM): prompt-learning PEFT adds virtual "
+        "tokens; results are the same, only slower."
+    )
+    assert [r.getMessage() for r in caplog.records if r.name == "trl_kto_ext.fast_path"] == [message]
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "trl_kto_ext.fast_path")
