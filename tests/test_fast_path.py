@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import cpu_args
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from test_loss import reference_kto
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -17,7 +17,13 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from trl_kto_ext import KTOExtTrainer
 from trl_kto_ext.fast_path import fast_path
-from trl_kto_ext.logps import install_completion_head, length_buckets, pack_rows, packed_completion_logps
+from trl_kto_ext.logps import (
+    completion_logps,
+    install_completion_head,
+    length_buckets,
+    pack_rows,
+    packed_completion_logps,
+)
 from trl_kto_ext.tiny import ALPHABET
 
 
@@ -253,3 +259,104 @@ def test_attention_that_ignores_packing_falls_back_to_buckets(
     ids, mask, completion = (batches[0][k] for k in KEYS)
     packed = packed_completion_logps(trainer.model.eval(), ids, mask, completion, capacity=10_000).sum(-1).double()
     assert not torch.allclose(packed, padded_logps(trainer.model, ids, mask, completion), rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ precisions and model sources
+
+
+def trl_sequence_logps(model, ids, attention_mask, completion_mask):
+    """Summed completion log-probs [B] through TRL's fused LM head (every position projected), as TRL's path runs."""
+    labels = ids.masked_fill(completion_mask == 0, -100)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+    return out.log_probs[:, -(ids.size(1) - 1) :].sum(-1).double()
+
+
+@pytest.mark.parametrize(
+    "source,bf16,use_lora",
+    [
+        ("path", False, False),
+        ("path", None, False),
+        ("object", False, False),
+        ("object", None, False),
+        ("object", None, True),
+    ],
+)
+def test_fast_path_is_used_for_policy_and_reference(small_model, tiny_tokenizer, tmp_path, source, bf16, use_lora):
+    """The default user's set-ups: the model given by path or as an object, fp32 or bf16 left unset (on with
+    `use_cpu`: bf16 autocast, which wraps the prepared models' forwards), optionally LoRA. After a training step (the
+    policy prepared and updated), the fast path is on for the policy's and the reference's causal LM, and the loss
+    equals the KTO formula on the log-probs of TRL's fused-head path through the same prepared models."""
+    model = small_model
+    if source == "path":
+        model = str(tmp_path / "model")
+        small_model.save_pretrained(model)
+    elif use_lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    beta = 0.3
+    args = cpu_args(tmp_path, bf16=bf16, max_steps=1, per_device_train_batch_size=6, beta=beta, learning_rate=1e-2)
+    assert args.bf16 == (bf16 is None)  # unset: on, as for `use_cpu=True` by default
+    trainer = KTOExtTrainer(
+        model=model, args=args, train_dataset=odd_length_dataset(24, seed=5), processing_class=tiny_tokenizer
+    )
+    trainer.train()
+    if use_lora:
+        perturb_lora_(trainer.model, seed=2)
+    path = fast_path(trainer)
+    lms = {id(path._causal_lm(trainer.model))}
+    if not use_lora:
+        lms.add(id(path._causal_lm(trainer.ref_model)))
+    if args.bf16:  # the configuration the fast path once missed: accelerate's autocast wrapper on the forward
+        assert "_original_forward" in (trainer.model if use_lora else trainer.ref_model).__dict__
+    assert set(path._verdict) == lms and all(path._verdict.values())
+
+    trainer.model.train()  # the training-step metrics; this Llama has no dropout
+    for batch in itertools.islice(iter(trainer.get_train_dataloader()), 2):
+        loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+        target = [batch[k] for k in KEYS]
+        kl = [batch["KL_" + k] for k in KEYS]
+        policy, kl_policy = (trl_sequence_logps(trainer.model, *rows) for rows in (target, kl))
+        if use_lora:
+            with trainer.model.disable_adapter():
+                reference, kl_reference = (trl_sequence_logps(trainer.model, *rows) for rows in (target, kl))
+        else:
+            reference, kl_reference = (trl_sequence_logps(trainer.ref_model, *rows) for rows in (target, kl))
+        expected, _, _ = reference_kto(
+            policy.tolist(),
+            reference.tolist(),
+            kl_policy.tolist(),
+            kl_reference.tolist(),
+            batch["label"].tolist(),
+            beta,
+            trainer.loss_aversion.desirable_weight,
+            1.0,
+        )
+        # the start-up check's tolerance: under bf16 the length buckets' shapes change the rounding a little
+        assert loss == pytest.approx(expected, rel=2e-2 if args.bf16 else 1e-5)
+        # in one call (the same shapes as TRL's), the completion-only head runs under the same autocast as TRL's
+        # forward: equal log-probs (computed in fp32 instead, they differ by ~1e-4 relative)
+        for model, wanted in ((trainer.model, policy), (trainer.ref_model, reference)):
+            if model is not None:
+                with torch.no_grad():
+                    got = completion_logps(model, *target).log_probs.sum(-1).double()
+                assert torch.allclose(got, wanted, rtol=1e-6, atol=0)
+    assert set(path._verdict) == lms and all(path._verdict.values())
+
+
+def test_fallback_is_said_once_per_trainer(small_model, tiny_tokenizer, tmp_path, caplog):
+    """Prompt tuning adds virtual tokens, so the fast path cannot apply: the trainer runs TRL's path (verdict off) and
+    says so once, at info level, whatever the number of passes."""
+    model = get_peft_model(small_model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    args = cpu_args(tmp_path, max_steps=2, per_device_train_batch_size=4)
+    with caplog.at_level(logging.INFO, logger="trl_kto_ext.fast_path"):
+        trainer = KTOExtTrainer(
+            model=model, args=args, train_dataset=odd_length_dataset(12, seed=6), processing_class=tiny_tokenizer
+        )
+        trainer.train()
+    assert list(fast_path(trainer)._verdict.values()) == [False]
+    message = (
+        "Using TRL's standard log-prob computation for the model (LlamaForCausalLM): prompt-learning PEFT adds virtual "
+        "tokens; results are the same, only slower."
+    )
+    assert [r.getMessage() for r in caplog.records if r.name == "trl_kto_ext.fast_path"] == [message]
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "trl_kto_ext.fast_path")

@@ -21,7 +21,10 @@ class FastPath:
     Each causal LM (the policy's, the reference's) is checked the first time it is used: the per-sequence log-probs
     of that batch on the fast path must equal TRL's fused-head path (relative 1e-4 in fp32, 2e-2 under bf16/fp16
     autocast, where both paths round). A model that fails, or whose TRL head cannot be extended (another TRL version,
-    prompt-learning PEFT, vision inputs, MoE auxiliary loss), stays on TRL's path, and the reason is logged once.
+    prompt-learning PEFT, vision inputs; for the policy's forward also an MoE auxiliary loss), stays on TRL's path,
+    and the reason is logged once per trainer (info). Models that accelerate prepared for mixed precision (bf16/fp16
+    autocast) keep the fast path: its calls run under the trainer's `accelerator.autocast()` with outputs cast to
+    fp32, as TRL's calls do inside accelerate's forward wrapper.
 
     With `pack_no_grad_passes`, the no-gradient passes run padding-free ([`logps.packed_completion_logps`]) on the
     models where a first check shows it exact: the batch's rows packed into rows of twice the widest row (so that
@@ -33,12 +36,16 @@ class FastPath:
         self.trainer = trainer
         self._verdict: dict[int, bool] = {}
         self._packing_verdict: dict[int, bool] = {}
+        self._said: set[str] = set()  # fallback reasons already logged
 
     # ------------------------------------------------------------------------------------------------ passes
     def policy_forward(self, model, batch, kwargs) -> object | None:
         """The policy's per-token outputs for the target rows ([B, T-1] `log_probs`, `entropy`, `mean_logits`), with
         gradients; None where the fast path does not apply (the caller runs TRL's)."""
-        if self.trainer.aux_loss_enabled or not self._usable(model, batch, _TARGET_KEYS):
+        if self.trainer.aux_loss_enabled:
+            self._say(model, "the policy's forward must return the MoE router's auxiliary loss")
+            return None
+        if not self._usable(model, batch, _TARGET_KEYS):
             return None
         extra = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")}
         return logps.completion_logps(
@@ -82,10 +89,25 @@ class FastPath:
                 reason = self._compare(model, batch, keys)
             verdict = self._verdict[id(lm)] = reason is None
             if reason is not None:
-                logger.warning(
-                    "Completion-only log-prob path off for %s: %s. Using TRL's path.", type(lm).__name__, reason
-                )
+                self._say(model, reason)
         return verdict
+
+    def _say(self, model, reason: str) -> None:
+        """Logs a fallback once per trainer and reason (the policy and the reference usually share it)."""
+        if reason not in self._said:
+            self._said.add(reason)
+            logger.info(
+                "Using TRL's standard log-prob computation for %s (%s): %s; results are the same, only slower.",
+                self._role(model),
+                type(self._causal_lm(model)).__name__,
+                reason,
+            )
+
+    def _role(self, model) -> str:
+        ref = self.trainer.ref_model
+        if ref is not None and self._causal_lm(ref) is self._causal_lm(model):
+            return "the reference model"
+        return "the model"
 
     def _packing_exact(self, model, batch, keys) -> bool:
         if not getattr(self.trainer.args, "pack_no_grad_passes", False):
@@ -116,8 +138,11 @@ class FastPath:
             return "vision inputs"
         if is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
             return "prompt-learning PEFT adds virtual tokens"
-        if not logps.install_completion_head(lm):
-            return "no TRL fused LM head with readable settings on this model"
+        if not logps.install_completion_head(lm, autocast=self.trainer.accelerator.autocast):
+            return (
+                "its forward is not TRL's fused LM head with settings this package can read (another TRL version, "
+                "or a wrapper around the forward other than accelerate's mixed precision)"
+            )
         return None
 
     def _compare(self, model, batch, keys, packed: bool = False) -> str | None:
@@ -149,7 +174,10 @@ class FastPath:
         tolerance = 2e-2 if (self.trainer.args.bf16 or self.trainer.args.fp16) else 1e-4
         error = ((fast - ref).abs() / ref.abs().clamp(min=1.0)).max().item()
         if not error <= tolerance:
-            return f"its {'packed ' if packed else ''}log-probs differ from TRL's by {error:.2e} (relative; tolerance {tolerance:g})"
+            return (
+                f"its {'packed ' if packed else 'completion-only '}log-probs differ from TRL's by {error:.2e} on the "
+                f"first batch (relative; tolerance {tolerance:g})"
+            )
         return None
 
 

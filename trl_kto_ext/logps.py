@@ -6,10 +6,12 @@ from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL st
 import functools
 import inspect
 import types
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import torch
+from accelerate.utils import convert_to_fp32
 
 # TRL's fused LM head scores only the labelled positions on Triton devices and every position elsewhere (to keep tile
 # shapes fixed on Neuron). The kernel and its settings are TRL's; only the choice of rows differs, so these are read
@@ -39,11 +41,27 @@ class HeadSettings(NamedTuple):
     backbone_attr: str
 
 
+def _trl_fused_forward(model: torch.nn.Module):
+    """(function, depth): what `model`'s instance forward is, following `__wrapped__` from it. function: TRL's
+    `_fused_forward`, `_HEAD_FLAG` where [`install_completion_head`] already added its head, or None; depth: how many
+    wrappers sit above it (accelerate's `prepare` under bf16/fp16 puts an autocast and an fp32 output cast there)."""
+    forward, depth = model.__dict__.get("forward"), 0
+    while forward is not None and depth < 16:
+        if getattr(forward, _HEAD_FLAG, False):
+            return _HEAD_FLAG, depth
+        func = getattr(forward, "__func__", forward)
+        if getattr(getattr(func, "__code__", None), "co_name", None) == "_fused_forward":
+            return func, depth
+        forward, depth = getattr(func, "__wrapped__", None), depth + 1
+    return None, 0
+
+
 def trl_head_settings(model: torch.nn.Module) -> HeadSettings | None:
-    """The settings of the TRL fused head patched on `model` (the causal LM itself), or None where there is none or
-    its closure no longer has the expected names (another TRL version): the caller then keeps TRL's path."""
-    func = getattr(model.__dict__.get("forward"), "__func__", None)
-    if func is None or func.__code__.co_name != "_fused_forward":
+    """The settings of the TRL fused head patched on `model` (the causal LM itself, possibly wrapped by accelerate's
+    mixed precision), or None where there is none or its closure no longer has the expected names (another TRL
+    version): the caller then keeps TRL's path."""
+    func, _ = _trl_fused_forward(model)
+    if func is None or func == _HEAD_FLAG:
         return None
     values = inspect.getclosurevars(func).nonlocals
     try:
@@ -52,25 +70,52 @@ def trl_head_settings(model: torch.nn.Module) -> HeadSettings | None:
         return None
 
 
-def install_completion_head(model: torch.nn.Module) -> bool:
+def install_completion_head(
+    model: torch.nn.Module, autocast: Callable[[], AbstractContextManager] | None = None
+) -> bool:
     """Adds a `completion_only=(field, ...)` mode to the TRL fused forward of `model` (the causal LM, not a PEFT or
     DDP wrapper): the backbone runs as usual and only the labelled positions go through the LM head, computing only
     the named fields among `"log_probs"`, `"entropy"`, `"mean_logits"`. Calls without it run TRL's forward unchanged.
-    Returns False (and changes nothing) where `model` has no TRL fused head whose settings can be read."""
+
+    Args:
+        autocast: where accelerate's `prepare` wrapped `model`'s forward for mixed precision (an autocast around TRL's
+            forward and an fp32 cast of its outputs), the same context (`Accelerator.autocast`): completion-only calls
+            run under it and their outputs are cast to fp32, as TRL's calls are. Unused on an unwrapped forward.
+
+    Returns:
+        False (and changes nothing) where `model` has no TRL fused head whose settings can be read, or its forward is
+        wrapped by something other than accelerate's mixed precision; True once the head is there.
+
+    Raises:
+        ValueError: the forward carries accelerate's mixed-precision wrapper and `autocast` is None.
+    """
     # The mark lives on the installed forward itself: a copy whose instance forwards were dropped (`frozen_copy`,
     # `host_copy`) must get a head again, not be taken for one that has it.
-    if getattr(model.__dict__.get("forward"), _HEAD_FLAG, False):
-        return True
+    found, depth = _trl_fused_forward(model)
+    if found == _HEAD_FLAG:
+        return True  # installed directly, or inside the mixed-precision wrapper (installed before `prepare`)
     settings = trl_head_settings(model)
     if settings is None or settings.backbone_attr is None:
         return False
+    if depth and "_original_forward" not in model.__dict__:  # accelerate marks its mixed-precision wrapper so
+        return False
+    if depth and autocast is None:
+        raise ValueError(
+            f"{type(model).__name__}'s forward was prepared by accelerate for mixed precision: pass "
+            "autocast=accelerator.autocast so that completion-only calls run under the same autocast."
+        )
+    amp = autocast if depth else None
     trl_forward = model.forward
 
     @functools.wraps(type(model).forward)  # keep the signature: `generate` validates its kwargs against it
     def forward(self, *args, completion_only=None, **kwargs):
         if completion_only is None:
             return trl_forward(*args, **kwargs)
-        return _completion_forward(self, settings, tuple(completion_only), *args, **kwargs)
+        if amp is None:
+            return _completion_forward(self, settings, tuple(completion_only), *args, **kwargs)
+        with amp():  # what accelerate's wrapper does around TRL's forward
+            out = _completion_forward(self, settings, tuple(completion_only), *args, **kwargs)
+        return convert_to_fp32(out)
 
     setattr(forward, _HEAD_FLAG, True)
     model.forward = types.MethodType(forward, model)
