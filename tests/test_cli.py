@@ -73,7 +73,7 @@ def test_local_model_folder_and_jsonl_file(tiny_default, tmp_path, capsys):
     argv += ["--prompt_column", "question", "--completion_column", "answer", "--eval_fraction", "0.25"]
     argv += ["--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]  # LoRA via get_peft_config
     assert main([*argv, "--output_dir", str(tmp_path / "run"), *FAST]) == 0
-    assert "holding out eval_fraction=0.25" in capsys.readouterr().out
+    assert "holding out 10 of 40 prompts (10 rows; eval_fraction=0.25)" in capsys.readouterr().out
     assert (tmp_path / "run" / "training_curves.png").is_file()
     assert (tmp_path / "run" / "adapter_config.json").is_file()
 
