@@ -218,3 +218,16 @@ def test_vision_class_label_is_read_by_its_names(processor, tmp_path):
     assert (trainer.loss_aversion.n_desirable, trainer.loss_aversion.n_undesirable) == (n_d, 12 - n_d)
     trainer.train()
     assert trainer.batches[0]["label"].tolist() == [r["label"] == "desirable" for r in rows[:4]]
+
+
+def test_vision_class_label_of_a_dataset_given_to_evaluate_is_read_by_its_names(processor, tmp_path):
+    from datasets import ClassLabel
+
+    trainer = _trainer(processor, _rows(), tmp_path, per_device_eval_batch_size=4)
+    rows = [dict(r, label="desirable" if r["label"] else "undesirable") for r in _rows(8, shared=1)]
+    encoded = Dataset.from_list(rows).cast_column("label", ClassLabel(names=["desirable", "undesirable"]))
+    n_d = sum(r["label"] == "desirable" for r in rows)
+    metrics = trainer.evaluate(encoded, metric_key_prefix="test")
+    assert (metrics["test_count/desirable"], metrics["test_count/undesirable"]) == (n_d, 8 - n_d)
+    predicted = trainer.predict(encoded).metrics
+    assert (predicted["test_count/desirable"], predicted["test_count/undesirable"]) == (n_d, 8 - n_d)

@@ -398,6 +398,8 @@ class KTOExtTrainer(KTOTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """TRL's `evaluate`; with cached reference log-probs, a dataset given here after training gets its reference
         log-probs from the reference kept in host memory (TRL refuses). Returns `{prefix}_*` metrics, KTO's included."""
+        if self._is_vision_dataset and not isinstance(eval_dataset, str):
+            eval_dataset = with_decoded_labels(eval_dataset)  # TRL does not prepare vision rows: labels by meaning
         self._evaluating += 1
         try:
             with reference.reference_for_pass(self):
@@ -409,7 +411,9 @@ class KTOExtTrainer(KTOTrainer):
         """Like `evaluate` on `test_dataset` (tokenized and, with `precompute_ref_log_probs`, its reference log-probs
         computed as there); returns a `PredictionOutput` whose `metrics` carry the `{prefix}_` KTO metrics."""
         with reference.reference_for_pass(self):
-            if not self._is_vision_dataset:
+            if self._is_vision_dataset:
+                test_dataset = with_decoded_labels(test_dataset)
+            else:
                 test_dataset = self._prepare_dataset(test_dataset, self.processing_class, self.args, "eval")
                 if self.precompute_ref_logps and "ref_logps" not in (test_dataset.column_names or ()):
                     batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
