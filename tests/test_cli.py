@@ -86,8 +86,11 @@ def test_unknown_yaml_key_names_the_closest_valid_key(tmp_path):
     assert "Did you mean `learning_rate`?" in message
 
 
-def test_unknown_flag_names_the_closest_valid_option():
-    assert "Did you mean `--learning_rate`?" in _error(["--learning-rat", "1e-4"])
+@pytest.mark.parametrize(
+    "flag,closest", [("--learning-rat", "learning_rate"), ("--bta", "beta"), ("--max_step", "max_steps")]
+)
+def test_unknown_flag_names_the_closest_valid_option(flag, closest):
+    assert f"Did you mean `--{closest}`?" in _error([flag, "1"])
 
 
 def test_malformed_yaml_gives_file_and_line(tmp_path):

@@ -145,3 +145,17 @@ def test_empty_run_says_so_and_a_checkpoint_source_is_named(tmp_path, capsys):
     finally:
         Figure.suptitle = original
     assert titles[0].startswith("KTO training curves: run (from checkpoint-5)\n")
+
+
+def test_single_eval_point_is_told_apart_from_training_points_and_online_metrics_are_drawn():
+    from trl_kto_ext.plotting import make_figure
+
+    history = [
+        {"step": 5, "loss": 0.4, "online/desirable_share": 0.6, "online/reward": 0.6},
+        {"step": 5, "eval_loss": 0.3},
+    ]
+    fig = make_figure(history)
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    lines = {line.get_label(): line for line in axes["Loss"].get_lines()}
+    assert lines["loss"].get_marker() != lines["eval loss"].get_marker()
+    assert {"desirable share", "reward"} <= {line.get_label() for line in axes["Online samples"].get_lines()}

@@ -170,3 +170,17 @@ def test_misspelt_column_says_what_to_pass(tmp_path):
         "trl-kto-ext: error: Column 'promt' (--prompt_column) is not in the data; the data has 'prompt': pass "
         "--prompt_column 'prompt' (the default) or rename the column."
     )
+
+
+def test_small_or_one_class_eval_split_is_said(capsys):
+    from datasets import Dataset
+
+    from trl_kto_ext.data import train_eval_split
+
+    rows = [{"prompt": f"q{i // 2}", "completion": f"a{i}", "label": i % 2 == 0 or i < 4} for i in range(40)]
+    train, held_out = train_eval_split(Dataset.from_list(rows), 0.05, seed=0, report=print)
+    out = capsys.readouterr().out
+    n_des = sum(held_out["label"])
+    n_und = len(held_out) - n_des
+    assert f"note: the eval set has {n_des} desirable and {n_und} undesirable rows" in out
+    assert "eval metrics on so few rows say little: raise eval_fraction or give a test split." in out

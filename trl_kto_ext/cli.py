@@ -39,6 +39,7 @@ DESCRIPTION = f"""Train a model with KTO (KTOExtTrainer) from a YAML config and/
 commands:
   {PROG} --config FILE [--OPTION VALUE ...]   train; every option below can be a key of the YAML file, flags override
   {PROG} plot OUTPUT_DIR [--out FILE.png]     draw the training curves of a run (training_curves.png)
+  {PROG} online --config FILE [...]           online KTO: sample, label with reward functions, train (`online --help`)
 
 offline example: {PROG} --config configs/tiny-cpu.yaml --max_steps 20
   (model_name_or_path: {TINY_MODEL} and dataset_name: {TINY_DATASET} are the embedded tiny model and data)"""
@@ -227,8 +228,10 @@ def check_flags(args: list[str], parser: TrlParser) -> None:
     known = set(parser._option_string_actions)
     for arg in args:
         if arg.startswith("--") and (name := arg.split("=", 1)[0]) not in known:
-            options = [o for o in known if o.startswith("--") and "-" not in o[2:]]
-            _fail(f"unknown option `{name}`.{_suggest(name.replace('-', '_'), options)}")
+            options = [o[2:] for o in known if o.startswith("--") and "-" not in o[2:]]
+            close = difflib.get_close_matches(name[2:].replace("-", "_"), options, n=1, cutoff=0.6)
+            hint = f" Did you mean `--{close[0]}`?" if close else f" Run `{PROG} --help` for the valid options."
+            _fail(f"unknown option `{name}`.{hint}")
 
 
 def parse_args(argv: list[str], parser: TrlParser | None = None) -> tuple[Any, ...]:

@@ -191,6 +191,7 @@ class KTOExtConfig(KTOConfig):
             # TRL turns bf16 on whenever it is unset, which makes a plain `KTOConfig(output_dir=...)` fail on a machine
             # without a bf16 GPU unless `use_cpu` is given. Unset here means: bf16 where the hardware has it.
             self.bf16 = bool(self.use_cpu) or _bf16_accelerator_available()
+            self.bf16_from_default = self.bf16  # said once when training starts (the trainer's start report)
         super().__post_init__()
         if self.loss_aversion not in ("auto", "manual"):
             raise ValueError(

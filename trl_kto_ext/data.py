@@ -407,4 +407,14 @@ def train_eval_split(
         )
     eval_set = set(eval_rows)
     train_rows = [i for i in range(len(dataset)) if i not in eval_set]
-    return dataset.select(train_rows), dataset.select(sorted(eval_rows))
+    held_out = dataset.select(sorted(eval_rows))
+    if report is not None and "label" in held_out.column_names:
+        n_des, n_und = count_labels(held_out)
+        if not n_des or not n_und or len(held_out) < 8:
+            missing = " (no desirable rows: no eval rewards/chosen or margins)" if not n_des else ""
+            missing = missing or (" (no undesirable rows: no eval rewards/rejected or margins)" if not n_und else "")
+            report(
+                f"note: the eval set has {n_des} desirable and {n_und} undesirable rows{missing}; eval metrics on so "
+                "few rows say little: raise eval_fraction or give a test split."
+            )
+    return dataset.select(train_rows), held_out

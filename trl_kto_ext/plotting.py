@@ -1,4 +1,4 @@
-"""Training curves of a KTO run (rewards, margins, z0, lambda_D/lambda_U, loss) from its trainer_state.json."""
+"""Training curves of a KTO run (rewards, margins, z0, lambda_D/lambda_U, loss; online samples) from trainer_state."""
 
 from __future__ import annotations
 
@@ -15,9 +15,18 @@ DEFAULT_PLOT_NAME = "training_curves.png"
 PANELS = [
     ("Rewards", "beta * log-ratio", [("rewards/chosen", "chosen (desirable)"), ("rewards/rejected", "rejected")]),
     ("Reward margin", "chosen - rejected", [("rewards/margins", "margin")]),
-    ("Reference point z0", "KL estimate", [("kl", "kl: z0, clamped at 0"), ("kl_raw", "kl_raw: before the clamp")]),
+    (
+        "Reference point z0",
+        "KL estimate",
+        [
+            ("kl", "kl: z0 = max(0, step's KL), window mean"),
+            ("kl_raw", "kl_raw: step's KL before the clamp, window mean"),
+        ],
+    ),
     ("Loss aversion", "weight", [("lambda_D", "lambda_D"), ("lambda_U", "lambda_U")]),
     ("Loss", "loss", [("loss", "loss")]),
+    # Online KTO (OnlineKTOTrainer) only: what the sampled completions earned.
+    ("Online samples", "share / reward", [("online/desirable_share", "desirable share"), ("online/reward", "reward")]),
 ]
 # Line styles per key, so that equal curves (lambda_D = lambda_U, or kl = kl_raw when z0 > 0) stay visible: the
 # second is drawn dashed, with other markers, over a wide first line.
@@ -129,8 +138,8 @@ def make_figure(history: list[dict], title: str = "KTO training curves", empty_n
             style = {"lw": 1.5, "marker": "o", "ms": 4, **STYLES.get(key, {})}
             if len(steps) >= 30:  # markers only where points are few (a short run's single dots stay visible)
                 style["marker"] = None
-            if is_eval:
-                style.update(linestyle="--", lw=1.5, alpha=1.0)
+            if is_eval:  # dashed, hollow diamonds: told apart from training points even where there is one point
+                style.update(linestyle="--", lw=1.5, alpha=1.0, marker="D" if len(steps) < 30 else None, mfc="none")
             ax.plot(steps, values, color=color, label=label, **style)
         ax.set_title(panel_title, fontsize=11)
         ax.set_xlabel("step")
