@@ -63,9 +63,12 @@ def test_plot_imports_no_torch(tmp_path):
 
 
 def test_help_is_quiet_and_imports_no_bitsandbytes():
-    code = "import sys; from trl_kto_ext.cli import make_parser; make_parser(); print('bitsandbytes' in sys.modules)"
+    code = (
+        "import sys; from trl_kto_ext.cli import make_parser; make_parser(); "
+        "print(sorted(m for m in ('bitsandbytes', 'datasets') if m in sys.modules))"
+    )
     result = _run(["-c", code])
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "[]"  # neither is needed to list the options (each costs ~0.5-1 s)
     help_run = _run(["-m", "trl_kto_ext", "--help"])
     assert not [n for n in NOISE if n in help_run.stderr], help_run.stderr
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datasets import Dataset
-
 LENGTH_AWARE = ("group_by_length", "batch_rebalance")
 STRATEGIES = ("random", "sequential", *LENGTH_AWARE)
 
@@ -20,6 +18,8 @@ def with_lengths(dataset, args, source=None):
     Raises:
         ValueError: a length-aware strategy on rows that are tokenized only when collated (vision data).
     """
+    from datasets import Dataset  # here, not at the top: config.py reads STRATEGIES, and `--help` stays light
+
     column = args.length_column_name
     if (
         isinstance(dataset, Dataset)
@@ -47,6 +47,8 @@ def check_lengths(dataset, args) -> bool:
         ValueError: a length-aware strategy on rows that are tokenized only when collated (vision data) and have no
             `args.length_column_name` column.
     """
+    from datasets import Dataset
+
     strategy = args.train_sampling_strategy
     if strategy not in LENGTH_AWARE or not isinstance(dataset, Dataset):
         return False
