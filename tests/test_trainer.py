@@ -315,3 +315,15 @@ def test_reference_copy_runs_its_own_weights(tiny_default, tmp_path, from_path):
     assert not torch.allclose(sequence_logps(trainer.model, *kl).float(), expected, atol=1e-3)
     # The plain forward (as `generate` uses it) of the reference runs the reference's weights too.
     assert torch.allclose(sequence_logps(trainer.ref_model, *kl).float(), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("bf16", [None, False])
+def test_bf16_turned_on_by_default_is_said_once(small_model, tiny_tokenizer, tmp_path, capsys, bf16):
+    args = cpu_args(tmp_path, max_steps=1, bf16=bf16)
+    assert args.bf16 is (bf16 is None)  # unset with use_cpu=True: on
+    trainer = KTOExtTrainer(
+        model=small_model, args=args, train_dataset=make_kto_dataset(8, seed=0), processing_class=tiny_tokenizer
+    )
+    trainer.train()
+    said = capsys.readouterr().out.count("bf16 left unset: training in bf16 mixed precision")
+    assert said == (1 if bf16 is None else 0)

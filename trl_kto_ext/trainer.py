@@ -60,7 +60,7 @@ class _LossAversionReport(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self._trainer.loss_aversion is not None:
             print(self._trainer.loss_aversion.describe(), flush=True)
-        if state.is_world_process_zero and getattr(args, "bf16_from_default", False):
+        if state.is_world_process_zero and args.bf16 and getattr(args, "bf16_from_default", False):
             print("bf16 left unset: training in bf16 mixed precision (the default on bf16 GPUs and with use_cpu=True); "
                   "pass bf16=False for float32.")  # fmt: skip
 
