@@ -97,6 +97,10 @@ def main(out_path):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"ranks": gathered, "train_logs": logs}, f)
+    # Both ranks leave together with the process group torn down: exiting with it alive can abort one of them
+    # ("terminate called without an active exception") after the work is done.
+    trainer.accelerator.wait_for_everyone()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ def main(out: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
             f.write(message)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together, with the process group torn down (see distributed_worker.py)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
