@@ -73,6 +73,9 @@ def train_and_report(trainer, tokenizer, training_args, heldout, method: str = "
             print(f"  tensorboard logs: {os.environ.get('TENSORBOARD_LOGGING_DIR') or os.path.join(out, 'runs')}")
     if hasattr(trainer, "end"):
         trainer.end()
+    # Under torchrun, ranks leave together with the process group torn down (one still alive at exit can abort).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return training_args.output_dir
 
 
