@@ -428,23 +428,15 @@ def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:
 
 def train(script_args, training_args, model_args, command: list[str] | None = None) -> str:
     """Run KTO training as configured; returns the output_dir. `command` (argv) is recorded in the model card."""
-    from .cli_run import build_trainer, load_model_inputs, threads_for, train_and_report
+    from .cli_run import run
     from .trainer import KTOExtTrainer
 
     resolve_model_path(model_args.model_name_or_path, build_tiny=False)  # a wrong path fails before data loading
     train_set, eval_set, heldout = load_datasets(script_args, training_args)
-    card_info = {
-        "dataset_name": script_args.dataset_name,
-        "command": command,
-        "config": format_config(script_args, training_args, model_args),
-    }
-    with threads_for(model_args.model_name_or_path):
-        model_path, tokenizer, kwargs = load_model_inputs(script_args, training_args, model_args)
-        trainer = build_trainer(
-            KTOExtTrainer, model_path, training_args, card_info,
-            train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer, **kwargs,
-        )  # fmt: skip
-        return train_and_report(trainer, tokenizer, training_args, heldout)
+    return run(
+        KTOExtTrainer, script_args, training_args, model_args, command, heldout,
+        train_dataset=train_set, eval_dataset=eval_set,
+    )  # fmt: skip
 
 
 def plot_main(argv: list[str]) -> int:

@@ -107,25 +107,17 @@ def load_prompt_dataset(script_args, seed: int):
 
 def train(script_args, training_args, model_args, command: list[str] | None = None) -> str:
     """Run online KTO as configured; returns the output_dir. `command` (argv) is recorded in the model card."""
-    from .cli_run import build_trainer, load_model_inputs, threads_for, train_and_report
+    from .cli_run import run
     from .online import OnlineKTOTrainer
 
     if not script_args.reward_funcs:
         _fail("no reward function: set reward_funcs (e.g. [trl_kto_ext.tiny.exact_answer_reward]).")
     resolve_model_path(model_args.model_name_or_path, build_tiny=False)  # a wrong path fails before data loading
     prompts, heldout = load_prompt_dataset(script_args, training_args.seed)
-    card_info = {
-        "dataset_name": script_args.dataset_name,
-        "command": command,
-        "config": format_config(script_args, training_args, model_args),
-    }
-    with threads_for(model_args.model_name_or_path):
-        model_path, tokenizer, kwargs = load_model_inputs(script_args, training_args, model_args)
-        trainer = build_trainer(
-            OnlineKTOTrainer, model_path, training_args, card_info,
-            reward_funcs=list(script_args.reward_funcs), train_dataset=prompts, processing_class=tokenizer, **kwargs,
-        )  # fmt: skip
-        return train_and_report(trainer, tokenizer, training_args, heldout, method="online KTO")
+    return run(
+        OnlineKTOTrainer, script_args, training_args, model_args, command, heldout, method="online KTO",
+        reward_funcs=list(script_args.reward_funcs), train_dataset=prompts,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from .cli import TINY_MODEL, _fail, as_flags, get_kbit_device_map, resolve_model_path
+from .cli import TINY_MODEL, _fail, as_flags, format_config, get_kbit_device_map, resolve_model_path
 from .peft_utils import check_kbit_backend
 
 
@@ -33,6 +33,22 @@ def load_model_inputs(script_args, training_args, model_args):
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = {"peft_config": get_peft_config(model_args), "quantization_config": quantization_config}
     return model_path, tokenizer, kwargs
+
+
+def run(trainer_class, script_args, training_args, model_args, command, heldout, method: str = "KTO", **kwargs) -> str:
+    """Build `trainer_class` from the configured model (one torch thread for `tiny`), train it and report
+    ([`train_and_report`]); `command` (argv) and the resolved config go into the model card. Returns the output_dir."""
+    card_info = {
+        "dataset_name": script_args.dataset_name,
+        "command": command,
+        "config": format_config(script_args, training_args, model_args),
+    }
+    with threads_for(model_args.model_name_or_path):
+        model_path, tokenizer, model_kwargs = load_model_inputs(script_args, training_args, model_args)
+        trainer = build_trainer(
+            trainer_class, model_path, training_args, card_info, processing_class=tokenizer, **model_kwargs, **kwargs
+        )
+        return train_and_report(trainer, tokenizer, training_args, heldout, method=method)
 
 
 def build_trainer(trainer_class, model_path, training_args, card_info: dict[str, Any], **kwargs):

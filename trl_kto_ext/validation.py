@@ -68,20 +68,24 @@ def fit_max_length(model, args) -> int | None:
     return limit
 
 
-def _position_limit(model, args) -> int | None:
-    config = getattr(model, "config", None)
-    if isinstance(model, str):
-        try:
-            from transformers import AutoConfig
+def _named_model_config(model: str, args):
+    """The config of a model given by name or path; None when it cannot be read (a check must not fail where loading
+    the model itself may still work)."""
+    init_kwargs = getattr(args, "model_init_kwargs", None) or {}
+    try:
+        from transformers import AutoConfig
 
-            init_kwargs = getattr(args, "model_init_kwargs", None) or {}
-            config = AutoConfig.from_pretrained(
-                model,
-                revision=init_kwargs.get("revision"),
-                trust_remote_code=getattr(args, "trust_remote_code", False),
-            )
-        except Exception:  # a check must not fail where loading the model itself may still work
-            return None
+        return AutoConfig.from_pretrained(
+            model, revision=init_kwargs.get("revision"), trust_remote_code=getattr(args, "trust_remote_code", False)
+        )
+    except Exception:
+        return None
+
+
+def _position_limit(model, args) -> int | None:
+    config = _named_model_config(model, args) if isinstance(model, str) else getattr(model, "config", None)
+    if config is None:
+        return None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(text_config, "max_position_embeddings", None)
     return limit if isinstance(limit, int) and limit > 0 else None
@@ -130,18 +134,8 @@ def embedding_rows(model, args=None) -> int | None:
     For a model given by name, the `vocab_size` of its config (best effort: None if the config cannot be read).
     """
     if isinstance(model, str):
-        try:
-            from transformers import AutoConfig
-
-            init_kwargs = getattr(args, "model_init_kwargs", None) or {}
-            config = AutoConfig.from_pretrained(
-                model,
-                revision=init_kwargs.get("revision"),
-                trust_remote_code=getattr(args, "trust_remote_code", False),
-            )
-            rows = getattr(config.get_text_config(), "vocab_size", None)
-        except Exception:  # a check must not fail where loading the model itself may still work
-            return None
+        config = _named_model_config(model, args)
+        rows = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
         return int(rows) if isinstance(rows, int) else None
     if model is None:
         return None
