@@ -14,9 +14,9 @@ from peft import LoraConfig
 
 from trl_kto_ext import OnlineKTOConfig, OnlineKTOTrainer
 from trl_kto_ext.loss_aversion_window import RollingLossAversion
+from trl_kto_ext.reference import frozen_copy
 from trl_kto_ext.rewards import label_rewards
 from trl_kto_ext.tiny import exact_answer_reward, make_prompt_dataset
-from trl_kto_ext.trainer import frozen_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["12+3=", "45+7=", "8+9=", "60+4=", "33+8=", "71+2="]

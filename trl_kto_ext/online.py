@@ -18,7 +18,8 @@ from .loss_aversion import LossAversion
 from .loss_aversion_window import RollingLossAversion
 from .online_config import OnlineKTOConfig
 from .rewards import call_reward_func, combine_rewards, label_rewards, load_reward_funcs, reward_func_name
-from .trainer import KTOExtTrainer, _attribute
+from .scoped import attribute
+from .trainer import KTOExtTrainer
 
 # Dataset columns that are not passed to reward functions as keyword arguments (GRPOTrainer's list).
 _NOT_REWARD_KWARGS = ("prompt", "completion", "completion_ids", "prompts", "completions")
@@ -313,7 +314,7 @@ class OnlineKTOTrainer(KTOExtTrainer):
         last = self.lambda_window.last or LossAversion(
             self.desirable_weight, self.undesirable_weight, 0, 0, self.args.loss_aversion
         )
-        with _attribute(self, "loss_aversion", _WindowLossAversion(*last)):
+        with attribute(self, "loss_aversion", _WindowLossAversion(*last)):
             return super().create_model_card(*args, **kwargs)
 
     def _save_rng_state(self, output_dir: str) -> None:

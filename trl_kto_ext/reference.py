@@ -24,10 +24,24 @@ def host_copy(model: torch.nn.Module) -> torch.nn.Module:
             memo[id(tensor)] = (
                 torch.nn.Parameter(cpu, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else cpu
             )
-    clone = copy.deepcopy(model, memo)
+    return _runs_own_weights(copy.deepcopy(model, memo)).eval().requires_grad_(False)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen deep copy of `model` that runs its own weights (on the devices of the original).
+
+    TRL's fused LM head replaces `forward` on the instance with a closure over the original model's forward, which a
+    deep copy keeps: the copy would silently compute with the original's (trained) weights. The copy gets its class's
+    forward back; the caller adds a fused head of its own where it needs one.
+    """
+    return _runs_own_weights(copy.deepcopy(model)).eval().requires_grad_(False)
+
+
+def _runs_own_weights(clone: torch.nn.Module) -> torch.nn.Module:
+    """Drops the forwards set on instances (closures over the original model), leaving each class's own."""
     for module in clone.modules():
         module.__dict__.pop("forward", None)
-    return clone.eval().requires_grad_(False)
+    return clone
 
 
 def _place(model: torch.nn.Module, device_of) -> None:

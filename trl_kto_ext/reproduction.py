@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset
 
 from .data import subsample_class, unpair_paired_dataset
+from .reference import frozen_copy
 from .tiny import greedy_accuracy, heldout_prompts, is_correct, make_paired_dataset
 
 # Arm name -> (model it starts from, training method, extra KTOExtConfig fields, desirable_fraction).
@@ -182,10 +183,6 @@ def fresh_copy(model):
     return clone
 
 
-def _frozen_copy(model):
-    return fresh_copy(model).eval().requires_grad_(False)
-
-
 def train_one(
     method: str, model, tokenizer, pairs: Dataset, kto_rows: Dataset, lr: float, seed: int, cfg: dict, **kto
 ):
@@ -206,13 +203,13 @@ def train_one(
         elif method == "dpo":
             args = DPOConfig(**_common_args(cfg, out, lr, seed, n // 2), beta=float(cfg["beta"]), max_length=64)
             trainer = DPOTrainer(
-                model=model, ref_model=_frozen_copy(model), args=args, train_dataset=pairs, processing_class=tokenizer
+                model=model, ref_model=frozen_copy(model), args=args, train_dataset=pairs, processing_class=tokenizer
             )
         elif method == "kto":
             fraction = kto.pop("desirable_fraction", 1.0)
             rows = kto_rows if fraction >= 1 else subsample_class(kto_rows, desirable_fraction=fraction, seed=seed)
             args = KTOExtConfig(**_common_args(cfg, out, lr, seed, n), beta=float(cfg["beta"]), max_length=64, **kto)
-            ref = None if args.precompute_ref_log_probs else _frozen_copy(model)
+            ref = None if args.precompute_ref_log_probs else frozen_copy(model)
             trainer = KTOExtTrainer(
                 model=model, ref_model=ref, args=args, train_dataset=rows, processing_class=tokenizer
             )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import contextlib
-import copy
-import logging
 from collections import defaultdict
 from typing import Any, NamedTuple
 
@@ -24,7 +22,8 @@ from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, loss_aversion_for
 from .pairing import add_dataset_kl_pairing
 from .peft_utils import asks_for_kbit, check_kbit_backend
-from .reference import HostReference
+from .reference import HostReference, frozen_copy
+from .scoped import activation_checkpointing_off, attribute, loss_type_during_setup, without_trl_weight_advice
 from .unpairing import as_unpaired
 from .vision import vision_collator, with_decoded_labels
 
@@ -96,7 +95,7 @@ class KTOExtTrainer(KTOTrainer):
         # TRL fixes KL completions while tokenizing and therefore refuses shuffled samplers and batches of one. This
         # trainer pairs at collation time, so TRL's set-up runs as for a loss without a KL term (which skips its
         # tokenization-time pairing and those checks); the real loss type is restored right after.
-        with _loss_type_during_setup(args, "apo_zero_unpaired"):
+        with loss_type_during_setup(args, "apo_zero_unpaired"):
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         validation.check_sharding(args, self.is_fsdp_enabled)  # FSDP asked for but not set up: stop, not plain DDP
         self.loss_type = args.loss_type
@@ -152,7 +151,7 @@ class KTOExtTrainer(KTOTrainer):
         # within fixed blocks needs the sequential sampler). Rows whose prompt fills max_length are dropped by
         # `check_tokenized`, which logs how many (TRL drops them silently).
         # TRL's own weight advice repeats ours with other bounds (ours: loss_aversion.resolve_loss_aversion): dropped.
-        with _attribute(self, "calculate_KL", False), _attribute(args, "max_length", None), _without_trl_advice():
+        with attribute(self, "calculate_KL", False), attribute(args, "max_length", None), without_trl_weight_advice():
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         dataset = validation.check_tokenized(
             dataset,
@@ -179,7 +178,7 @@ class KTOExtTrainer(KTOTrainer):
         cache_kl = self._uses_kl and "KL_completion_ids" in dataset.column_names
         # One length-sorted, completion-only pass over target and KL sequences together, persisted on disk by the
         # reference weights' and the data's fingerprints (`ref_cache`); TRL's precompute where that does not apply.
-        with _attribute(self, "calculate_KL", cache_kl):
+        with attribute(self, "calculate_KL", cache_kl):
             result = ref_cache.precompute(self, dataset, name, batch_size)
             return result if result is not None else super()._precompute_ref_logps(dataset, name, batch_size)
 
@@ -253,7 +252,7 @@ class KTOExtTrainer(KTOTrainer):
     def _reference(self):
         """Yields the reference model: `ref_model`, the policy with its adapters disabled (PEFT), the reference kept
         in host memory, or the policy itself only before its first update; otherwise raises a `RuntimeError`."""
-        with torch.no_grad(), _activation_checkpointing_off(self.model, self.args.gradient_checkpointing_kwargs):
+        with torch.no_grad(), activation_checkpointing_off(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None and is_peft_model(self.model):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
@@ -425,7 +424,7 @@ class KTOExtTrainer(KTOTrainer):
 
     # ---------------------------------------------------------------------------------------- resume the pairing
     def _get_dataloader(self, dataset, *args, is_training: bool = False, **kwargs):
-        with _attribute(self, "data_collator", resume.collator_for_dataloader(self, is_training, dataset)):
+        with attribute(self, "data_collator", resume.collator_for_dataloader(self, is_training, dataset)):
             return super()._get_dataloader(dataset, *args, is_training=is_training, **kwargs)
 
     def training_step(self, *args, **kwargs):
@@ -444,19 +443,6 @@ class KTOExtTrainer(KTOTrainer):
 
 def _pairing_seed(args) -> int:
     return args.kl_pairing_seed if args.kl_pairing_seed is not None else args.seed
-
-
-def frozen_copy(model):
-    """A frozen deep copy of `model` that runs its own weights.
-
-    TRL's fused LM head replaces `forward` on the instance with a closure over the original model's forward, which a
-    deep copy keeps: the copy would silently compute with the original's (trained) weights. The copy gets its class's
-    forward back; the caller adds a fused head of its own where it needs one.
-    """
-    clone = copy.deepcopy(model)
-    for module in clone.modules():
-        module.__dict__.pop("forward", None)
-    return clone.eval().requires_grad_(False)
 
 
 def _needs_reference_copy(model, args, peft_config) -> bool:
@@ -479,52 +465,3 @@ def _as_ext_config(args: KTOConfig | None, model) -> KTOExtConfig:
         values = {k: getattr(args, k) for k in values if KTOExtConfig.__dataclass_fields__[k].init}
         return KTOExtConfig(**values)
     raise TypeError(f"`args` must be a KTOExtConfig or trl.KTOConfig, got {type(args).__name__}.")
-
-
-@contextlib.contextmanager
-def _activation_checkpointing_off(model, checkpointing_kwargs: dict | None):
-    """TRL's `disable_gradient_checkpointing` under transformers 5's names (the old ones warn at every step)."""
-    was_enabled = bool(getattr(model, "is_activation_checkpointing", False))
-    if was_enabled:
-        model.activation_checkpointing_disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            model.activation_checkpointing_enable(checkpointing_kwargs)
-
-
-class _TrlWeightAdvice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "don't seem to be in an ideal range" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _without_trl_advice():
-    """Drops TRL's log line on desirable/undesirable weights while the block runs."""
-    trl_logger, advice = logging.getLogger("trl.trainer.kto_trainer"), _TrlWeightAdvice()
-    trl_logger.addFilter(advice)
-    try:
-        yield
-    finally:
-        trl_logger.removeFilter(advice)
-
-
-@contextlib.contextmanager
-def _loss_type_during_setup(args, loss_type: str):
-    saved = args.loss_type
-    args.loss_type = loss_type
-    try:
-        yield
-    finally:
-        args.loss_type = saved
-
-
-@contextlib.contextmanager
-def _attribute(obj, name: str, value):
-    saved = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, saved)
