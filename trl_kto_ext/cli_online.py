@@ -12,16 +12,15 @@ from trl import ModelConfig, ScriptArguments
 from .cli import (
     HELP_GROUPS,
     HELP_TEXTS,
-    PROG,
     TINY_DATASET,
     TINY_MODEL,
-    _fail,
     _Parser,
     as_flags,
     format_config,
     parse_args,
     resolve_model_path,
 )
+from .cli_config import PROG, _fail
 from .cli_help import HelpAllAction, HelpFormatter, group_options
 from .online_config import OnlineKTOConfig
 

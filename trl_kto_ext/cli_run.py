@@ -7,7 +7,8 @@ import json
 import os
 from typing import Any
 
-from .cli import TINY_MODEL, _fail, as_flags, format_config, get_kbit_device_map, resolve_model_path
+from .cli import TINY_MODEL, as_flags, format_config, get_kbit_device_map, resolve_model_path
+from .cli_config import _fail
 from .peft_utils import check_kbit_backend
 
 

@@ -73,9 +73,12 @@ class FastPath:
 
     # ------------------------------------------------------------------------------------------------ checks
     def _overhead(self, grad: bool) -> int | None:
+        # Length buckets (and packs) make the number of forwards depend on each process's rows; a model wrapped by
+        # DDP/FSDP/DeepSpeed runs collectives in every forward (buffer broadcasts, all-gathers, gradient hooks), so
+        # there every process must make the same calls: one forward per pass, with or without gradients.
         t = self.trainer
-        if grad and (t.accelerator.num_processes > 1 or t.is_deepspeed_enabled or t.is_fsdp_enabled):
-            return None  # one forward per backward: DDP/FSDP/DeepSpeed hooks expect exactly that
+        if t.accelerator.num_processes > 1 or t.is_deepspeed_enabled or t.is_fsdp_enabled:
+            return None
         return logps.bucket_overhead(t.accelerator.device)
 
     def _usable(self, model, batch, keys) -> bool:
@@ -110,8 +113,8 @@ class FastPath:
         return "the model"
 
     def _packing_exact(self, model, batch, keys) -> bool:
-        if not getattr(self.trainer.args, "pack_no_grad_passes", False):
-            return False
+        if not getattr(self.trainer.args, "pack_no_grad_passes", False) or self._overhead(grad=False) is None:
+            return False  # packing, like buckets, would make the number of forwards differ between processes
         lm = self._causal_lm(model)
         verdict = self._packing_verdict.get(id(lm))
         if verdict is None:
@@ -165,7 +168,7 @@ class FastPath:
                     if fast is None:
                         return "the batch is not right-padded"
                 else:
-                    overhead = logps.bucket_overhead(self.trainer.accelerator.device)
+                    overhead = self._overhead(grad=False)
                     fast = logps.completion_logps(model, ids, mask, completion, bucket_overhead_tokens=overhead)
                     fast = fast.log_probs
                 fast = fast.sum(-1).double()
