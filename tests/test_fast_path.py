@@ -303,9 +303,9 @@ def test_fast_path_is_used_for_policy_and_reference(small_model, tiny_tokenizer,
     if use_lora:
         perturb_lora_(trainer.model, seed=2)
     path = fast_path(trainer)
-    lms = {id(path._causal_lm(trainer.model))}
+    lms = {id(path.causal_lm(trainer.model))}
     if not use_lora:
-        lms.add(id(path._causal_lm(trainer.ref_model)))
+        lms.add(id(path.causal_lm(trainer.ref_model)))
     if args.bf16:  # the configuration the fast path once missed: accelerate's autocast wrapper on the forward
         assert "_original_forward" in (trainer.model if use_lora else trainer.ref_model).__dict__
     assert set(path._verdict) == lms and all(path._verdict.values())

@@ -71,6 +71,10 @@ class FastPath:
         out = logps.completion_logps(model, *(batch[k] for k in keys), bucket_overhead_tokens=self._overhead(False))
         return out.log_probs.sum(-1)
 
+    def is_fast(self, model) -> bool:
+        """Whether `model`'s causal LM passed its check (False before its first pass)."""
+        return self._verdict.get(id(self.causal_lm(model)), False)
+
     # ------------------------------------------------------------------------------------------------ checks
     def _overhead(self, grad: bool) -> int | None:
         # Length buckets (and packs) make the number of forwards depend on each process's rows; a model wrapped by
@@ -82,7 +86,7 @@ class FastPath:
         return logps.bucket_overhead(t.accelerator.device)
 
     def _usable(self, model, batch, keys) -> bool:
-        lm = self._causal_lm(model)
+        lm = self.causal_lm(model)
         if lm is None:
             return False
         verdict = self._verdict.get(id(lm))
@@ -102,20 +106,20 @@ class FastPath:
             logger.info(
                 "Using TRL's standard log-prob computation for %s (%s): %s; results are the same, only slower.",
                 self._role(model),
-                type(self._causal_lm(model)).__name__,
+                type(self.causal_lm(model)).__name__,
                 reason,
             )
 
     def _role(self, model) -> str:
         ref = self.trainer.ref_model
-        if ref is not None and self._causal_lm(ref) is self._causal_lm(model):
+        if ref is not None and self.causal_lm(ref) is self.causal_lm(model):
             return "the reference model"
         return "the model"
 
     def _packing_exact(self, model, batch, keys) -> bool:
         if not getattr(self.trainer.args, "pack_no_grad_passes", False) or self._overhead(grad=False) is None:
             return False  # packing, like buckets, would make the number of forwards differ between processes
-        lm = self._causal_lm(model)
+        lm = self.causal_lm(model)
         verdict = self._packing_verdict.get(id(lm))
         if verdict is None:
             try:
@@ -131,7 +135,7 @@ class FastPath:
                 )
         return verdict
 
-    def _causal_lm(self, model):
+    def causal_lm(self, model):
         unwrapped = self.trainer.accelerator.unwrap_model(model)
         return unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
 

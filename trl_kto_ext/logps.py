@@ -118,16 +118,41 @@ def install_completion_head(
         return convert_to_fp32(out)
 
     setattr(forward, _HEAD_FLAG, True)
+    forward.head_settings = settings
     model.forward = types.MethodType(forward, model)
     return True
+
+
+def installed_head_settings(model: torch.nn.Module) -> HeadSettings | None:
+    """The [`HeadSettings`] of the head [`install_completion_head`] put on `model`, or None where it has none."""
+    forward, depth = model.__dict__.get("forward"), 0
+    while forward is not None and depth < 16:
+        if getattr(forward, _HEAD_FLAG, False):
+            return forward.head_settings
+        forward, depth = getattr(getattr(forward, "__func__", forward), "__wrapped__", None), depth + 1
+    return None
 
 
 def _completion_forward(self, settings: HeadSettings, fields, *args, labels, **kwargs) -> FusedCausalLMOutput:
     kwargs["use_cache"] = False
     hidden = getattr(self, settings.backbone_attr)(*args, **kwargs).last_hidden_state[:, :-1]
-    lm_head = self.get_output_embeddings()
+    return score_positions(self, settings, hidden, labels[:, 1:], fields)
+
+
+def score_positions(lm, settings: HeadSettings, hidden, labels, fields=("log_probs",)) -> FusedCausalLMOutput:
+    """TRL's chunked log-prob kernel on the labelled positions only.
+
+    Args:
+        lm: the causal LM whose output embeddings score `hidden`; settings: its head's [`HeadSettings`].
+        hidden: [B, T, H] backbone outputs; position t scores `labels[:, t]`.
+        labels: [B, T] token ids, -100 where nothing is scored.
+
+    Returns:
+        A `FusedCausalLMOutput` whose requested `fields` are [B, T] (zero where `labels` is -100).
+    """
+    lm_head = lm.get_output_embeddings()
     hidden = hidden.to(lm_head.weight.device)
-    labels = labels[:, 1:].to(lm_head.weight.device)
+    labels = labels.to(lm_head.weight.device)
     mask = labels != -100
     weight, bias = lm_head.weight, lm_head.bias
     if isinstance(weight, DTensor):

@@ -13,7 +13,9 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
+from . import logps
 from .fast_path import fast_path
+from .shared_prompt import shared_prompt_logps
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,61 @@ def sorted_pass(trainer, model, seqs: list[tuple[list[int], int]], token_budget:
     return out
 
 
+def shared_prompt_pass(trainer, model, seqs, token_budget: int, pad_id: int) -> torch.Tensor | None:
+    """What [`sorted_pass`] returns for `seqs` = N target sequences then their N KL sequences (row i's KL sequence
+    has row i's prompt), with each prompt run once for both ([`shared_prompt.shared_prompt_logps`]), in batches of
+    rows sorted by length holding at most `token_budget` padded tokens. The first batch is also run through
+    [`sorted_pass`]: None (the caller runs that) where they differ, the fast path does not apply to the model, or some
+    prompt is empty; the reason is logged."""
+    n = len(seqs) // 2
+    rows = []
+    for (target, n_prompt), (kl, kl_prompt) in zip(seqs[:n], seqs[n:]):
+        if n_prompt == 0 or kl_prompt != n_prompt or kl[:n_prompt] != target[:n_prompt]:
+            return _fallback("a row has an empty prompt, or its KL row another prompt")
+        rows.append((target[:n_prompt], [target[n_prompt:], kl[n_prompt:]]))
+    order = sorted(range(n), key=lambda i: len(rows[i][0]) + max(map(len, rows[i][1])))
+    out = torch.empty(n, 2, dtype=torch.float32)
+    start, settings = 0, None
+    while start < n:
+        end, widest_prompt, widest_completion = start, 0, 0
+        while end < n:
+            prompt, completions = rows[order[end]]
+            p, c = max(widest_prompt, len(prompt)), max(widest_completion, *map(len, completions))
+            if end > start and (end + 1 - start) * (p + 2 * c) > token_budget:
+                break
+            widest_prompt, widest_completion, end = p, c, end + 1
+        batch = order[start:end]
+        if settings is None:  # first batch: the padded pass decides whether this model gives the same values
+            expected = sorted_pass(
+                trainer, model, [seqs[i] for i in batch] + [seqs[n + i] for i in batch], 1 << 62, pad_id
+            )
+            lm = fast_path(trainer).causal_lm(model)
+            settings = logps.installed_head_settings(lm) if fast_path(trainer).is_fast(model) else None
+            if settings is None:
+                return _fallback("the completion-only head does not apply to this model")
+        try:
+            values = shared_prompt_logps(
+                lm, settings, [rows[i][0] for i in batch], [rows[i][1] for i in batch], pad_id
+            )
+        except Exception as error:  # a model whose forward takes no cache or position_ids
+            return _fallback(f"the cached-prompt forward failed ({type(error).__name__}: {error})")
+        values = values.float().cpu()
+        if start == 0:
+            got = torch.cat([values[:, 0], values[:, 1]]).double()
+            error = ((got - expected.double()).abs() / expected.double().abs().clamp(min=1.0)).max().item()
+            tolerance = 2e-2 if (trainer.args.bf16 or trainer.args.fp16) else 1e-4
+            if not error <= tolerance:
+                return _fallback(f"its log-probs differ from the padded pass by {error:.2e} (relative)")
+        out[torch.tensor(batch)] = values
+        start = end
+    return torch.cat([out[:, 0], out[:, 1]])
+
+
+def _fallback(reason: str) -> None:
+    logger.info("Reference pass with each prompt run twice (target and KL rows): %s.", reason)
+    return None
+
+
 def precompute(trainer, dataset, name: str, batch_size: int):
     """`dataset` with `ref_logps` (and `ref_KL_logps` when `trainer.calculate_KL`) columns, read from the on-disk
     cache or computed in one sorted pass over the target and KL sequences together and then saved. None where this
@@ -153,9 +210,11 @@ def precompute(trainer, dataset, name: str, batch_size: int):
     if with_kl:
         seqs += sequences(dataset, "KL_completion_ids", args.max_length)
     budget = batch_size * max(len(s[0]) for s in seqs)  # never more padded tokens per call than TRL's widest batch
-    pad_id = getattr(trainer._tokenizer, "pad_token_id", None)
+    pad_id = getattr(trainer._tokenizer, "pad_token_id", None) or 0
     with trainer._reference() as model, trainer.accelerator.autocast():
-        values = sorted_pass(trainer, model, seqs, budget, pad_id or 0)
+        values = shared_prompt_pass(trainer, model, seqs, budget, pad_id) if with_kl else None
+        if values is None:
+            values = sorted_pass(trainer, model, seqs, budget, pad_id)
     tensors = {"ref_logps": values[: len(dataset)]}
     if with_kl:
         tensors["ref_KL_logps"] = values[len(dataset) :]
