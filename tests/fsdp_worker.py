@@ -29,6 +29,9 @@ def main(out: str) -> None:
     if dist.is_initialized():  # leave together, with the process group torn down (see distributed_worker.py)
         dist.barrier()
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # without torch's C++ teardown at exit, which can abort a finished gloo worker (distributed_worker.py)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from trl_kto_ext.data import (
     load_unpaired_dataset,
     prepare_unpaired,
     subsample_class,
-    train_eval_split,
     unpair_paired_dataset,
 )
+from trl_kto_ext.eval_split import train_eval_split
 
 # ---------------------------------------------------------------- paired data
 

@@ -15,7 +15,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from trl_kto_ext import KTOExtTrainer
 from trl_kto_ext.logps import install_completion_head, installed_head_settings
-from trl_kto_ext.shared_prompt import shared_prompt_logps
+from trl_kto_ext.shared_prompt import rows_from_batch, shared_prompt_logps
 
 
 def float64_logps(model, prompt, completion, max_length=None):
@@ -93,9 +93,9 @@ def test_precompute_runs_each_prompt_once(small_model, tiny_tokenizer, tmp_path,
     small_model.model.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(kwargs.get("past_key_values") is not None), with_kwargs=True
     )
-    with caplog.at_level(logging.INFO, logger="trl_kto_ext.ref_cache"):
+    with caplog.at_level(logging.INFO, logger="trl_kto_ext"):
         trainer, _ = build(small_model, tiny_tokenizer, tmp_path, odd_length_dataset(21, seed=6))
-    assert "run twice" not in caplog.text
+    assert "once per completion" not in caplog.text and "standard log-prob" not in caplog.text
     assert any(calls)  # continuations from the cached prompts
     data = trainer.train_dataset
     for i in range(len(data)):
@@ -119,9 +119,13 @@ def test_precompute_falls_back_where_the_cached_prompt_gives_other_values(
     values come from the padded pass."""
     small_model.set_attn_implementation(causal_only_attention)
     initial = copy.deepcopy(small_model).eval()
-    with caplog.at_level(logging.INFO, logger="trl_kto_ext.ref_cache"):
+    with caplog.at_level(logging.INFO, logger="trl_kto_ext"):
         trainer, _ = build(small_model, tiny_tokenizer, tmp_path, odd_length_dataset(21, seed=7))
-    assert "Reference pass with each prompt run twice (target and KL rows): its log-probs differ" in caplog.text
+    expected = (
+        "Running each prompt once per completion (target and KL rows) for the model (LlamaForCausalLM): its log-probs "
+        "differ from the padded pass by"
+    )
+    assert caplog.text.count(expected) == 1
     data = trainer.train_dataset
     for i in range(len(data)):
         row = data[i]
@@ -144,3 +148,68 @@ def test_without_kl_rows_the_targets_are_a_single_pass(small_model, tiny_tokeniz
     for row in trainer.train_dataset:
         expected = float64_logps(initial, row["prompt_ids"], row["completion_ids"], trainer.args.max_length)
         assert row["ref_logps"] == pytest.approx(expected, 1e-5)
+
+
+@pytest.mark.parametrize("use_lora,kl_subset_size", [(False, None), (True, None), (False, 2)])
+def test_live_reference_of_a_step(small_model, tiny_tokenizer, tmp_path, caplog, use_lora, kl_subset_size):
+    """Per step (no cache, pairing in the batch): the reference's target and KL log-probs are the unpadded float64
+    ones; with all KL rows the prompts run once (cache continuations seen), with a KL subset the padded passes run."""
+    model = small_model
+    if use_lora:  # a PeftModel given with non-zero adapters: the reference is that initial model (TRL's `ref` adapter)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        perturb_lora_(model, seed=1)
+    initial = copy.deepcopy(model).eval()
+    calls = []
+    small_model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("past_key_values") is not None), with_kwargs=True
+    )
+    args = cpu_args(tmp_path, per_device_train_batch_size=6, kl_subset_size=kl_subset_size)
+    data = odd_length_dataset(18, seed=9)
+    trainer = KTOExtTrainer(model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    if kl_subset_size is not None:
+        from trl_kto_ext.collator import keep_kl_rows
+
+        batch = keep_kl_rows(batch, kl_subset_size)
+    with caplog.at_level(logging.INFO, logger="trl_kto_ext"):
+        reference, kl_reference = trainer._reference_logps(batch)
+    assert "once per completion" not in caplog.text
+    assert any(calls) == (kl_subset_size is None)
+
+    def rows(prefix):
+        ids, mask, completion = (
+            batch[prefix + k].tolist() for k in ("input_ids", "attention_mask", "completion_mask")
+        )
+        for i, m, c in zip(ids, mask, completion):
+            start = c.index(1)
+            yield i[:start], i[start : sum(m)]
+
+    expected = [float64_logps(initial, p, c) for p, c in rows("")]
+    expected_kl = [float64_logps(initial, p, c) for p, c in rows("KL_")]
+    assert torch.allclose(reference.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(kl_reference.double(), torch.tensor(expected_kl, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_from_batch_refuses_what_it_cannot_split():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    completion = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
+    kl_ids = torch.tensor([[5, 9, 0], [8, 7, 6]])
+    kl_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    kl_completion = torch.tensor([[0, 1, 0], [0, 1, 1]])
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "completion_mask": completion,
+        "KL_input_ids": kl_ids,
+        "KL_attention_mask": kl_mask,
+        "KL_completion_mask": kl_completion,
+    }
+    assert rows_from_batch(batch) == ([[5], [8]], [[[6, 7], [9]], [[9], [7, 6]]])
+    assert rows_from_batch({**batch, "KL_input_ids": kl_ids.flip(0)}) is None  # another row's prompt
+    left = {**batch, "attention_mask": mask.flip(1), "input_ids": ids.flip(1), "completion_mask": completion.flip(1)}
+    assert rows_from_batch(left) is None  # left padding
+    no_prompt = {**batch, "completion_mask": torch.tensor([[1, 1, 1, 0], [0, 1, 0, 0]])}
+    assert rows_from_batch(no_prompt) is None
+    subset = {k: (v[:1] if k.startswith("KL_") else v) for k, v in batch.items()}
+    assert rows_from_batch(subset) is None

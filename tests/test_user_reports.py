@@ -11,7 +11,8 @@ from datasets import Dataset
 
 from trl_kto_ext import KTOExtTrainer
 from trl_kto_ext.cli import main
-from trl_kto_ext.data import prepare_unpaired, train_eval_split
+from trl_kto_ext.data import prepare_unpaired
+from trl_kto_ext.eval_split import train_eval_split
 from trl_kto_ext.validation import check_tokenized
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +176,7 @@ def test_misspelt_column_says_what_to_pass(tmp_path):
 def test_small_or_one_class_eval_split_is_said(capsys):
     from datasets import Dataset
 
-    from trl_kto_ext.data import train_eval_split
+    from trl_kto_ext.eval_split import train_eval_split
 
     rows = [{"prompt": f"q{i // 2}", "completion": f"a{i}", "label": i % 2 == 0 or i < 4} for i in range(40)]
     train, held_out = train_eval_split(Dataset.from_list(rows), 0.05, seed=0, report=print)

@@ -173,8 +173,9 @@ def get_kbit_device_map() -> dict[str, int] | None:
 
 def load_datasets(script_args, training_args):
     """(train, eval or None, tiny_heldout or None) from `dataset_name`; SystemExit with the loader's message."""
-    from .data import count_labels, load_unpaired_dataset, subsample_class, train_eval_split
+    from .data import count_labels, load_unpaired_dataset, subsample_class
     from .data import logger as data_logger
+    from .eval_split import train_eval_split
     from .loss_aversion import resolve_loss_aversion
     from .validation import check_dataset
 

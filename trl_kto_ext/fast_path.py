@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from accelerate.utils import is_peft_model
 
-from . import logps
+from . import logps, shared_prompt
 
 logger = logging.getLogger(__name__)
 
-_TARGET_KEYS = ("input_ids", "attention_mask", "completion_mask")
-_KL_KEYS = ("KL_input_ids", "KL_attention_mask", "KL_completion_mask")
+TARGET_KEYS = ("input_ids", "attention_mask", "completion_mask")
+KL_KEYS = ("KL_input_ids", "KL_attention_mask", "KL_completion_mask")
 
 
 class FastPath:
@@ -36,7 +37,8 @@ class FastPath:
         self.trainer = trainer
         self._verdict: dict[int, bool] = {}
         self._packing_verdict: dict[int, bool] = {}
-        self._said: set[str] = set()  # fallback reasons already logged
+        self._shared_verdict: dict[int, bool] = {}
+        self._said: set[tuple[str, str]] = set()  # fallback reasons already logged
 
     # ------------------------------------------------------------------------------------------------ passes
     def policy_forward(self, model, batch, kwargs) -> object | None:
@@ -45,7 +47,7 @@ class FastPath:
         if self.trainer.aux_loss_enabled:
             self._say(model, "the policy's forward must return the MoE router's auxiliary loss")
             return None
-        if not self._usable(model, batch, _TARGET_KEYS):
+        if not self._usable(model, batch, TARGET_KEYS):
             return None
         extra = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")}
         return logps.completion_logps(
@@ -71,9 +73,70 @@ class FastPath:
         out = logps.completion_logps(model, *(batch[k] for k in keys), bucket_overhead_tokens=self._overhead(False))
         return out.log_probs.sum(-1)
 
-    def is_fast(self, model) -> bool:
-        """Whether `model`'s causal LM passed its check (False before its first pass)."""
-        return self._verdict.get(id(self.causal_lm(model)), False)
+    @torch.no_grad()
+    def shared_prompt_logps(self, model, prompts, completions, padded: Callable[[], torch.Tensor]):
+        """Summed completion log-probs [B, K] of K completions per prompt, each prompt run once
+        ([`shared_prompt.shared_prompt_logps`]); None where that does not apply to `model` (the caller runs the
+        padded passes). The first call per model also runs `padded()` (the same [B, K] values from the padded passes,
+        or None where those are not on the fast path) and keeps the cached-prompt path for that model only if they agree within the tolerance of the other checks.
+
+        Args:
+            prompts: B token lists; completions: B lists of K token lists (see `shared_prompt_logps`).
+        """
+        if self._overhead(grad=False) is None:
+            return None  # one forward per pass where several processes must make the same calls
+        lm = self.causal_lm(model)
+        verdict = self._shared_verdict.get(id(lm))
+        if verdict is False:
+            return None
+        if verdict is None:
+            expected = padded()  # also installs and checks the completion-only head
+            if expected is None or not self._verdict.get(id(lm)):
+                self._shared_verdict[id(lm)] = False  # off the fast path altogether: said once already
+                return None
+            reason, values = None, None
+            settings = logps.installed_head_settings(lm)
+            if settings is None:
+                reason = "the completion-only head does not apply to it"
+            else:
+                try:
+                    values = shared_prompt.shared_prompt_logps(lm, settings, prompts, completions, self._pad_id)
+                    error = _relative_error(values, expected)
+                    if not error <= self._tolerance:
+                        reason = f"its log-probs differ from the padded pass by {error:.2e} (relative)"
+                except Exception as error:  # e.g. a forward without a KV cache or `position_ids`
+                    reason = f"the cached-prompt forward failed ({type(error).__name__}: {error})"
+            self._shared_verdict[id(lm)] = reason is None
+            if reason is not None:
+                self._say(model, reason, "Running each prompt once per completion (target and KL rows)")
+                return None
+            return values
+        settings = logps.installed_head_settings(lm)
+        return shared_prompt.shared_prompt_logps(lm, settings, prompts, completions, self._pad_id)
+
+    def paired_rows_logps(self, reference, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Summed log-probs under `reference` of a collated batch's target rows [B] and KL rows [B], each prompt run
+        once for both; None where row i's KL row does not have row i's prompt ([`shared_prompt.rows_from_batch`]) or
+        [`shared_prompt_logps`] does not apply."""
+        rows = shared_prompt.rows_from_batch(batch)
+        if rows is None:
+            return None
+
+        def padded():  # the same values from the padded passes, for the first batch's check
+            both = [self.sequence_logps(reference, batch, keys) for keys in (TARGET_KEYS, KL_KEYS)]
+            return None if None in both else torch.stack(both, dim=-1)
+
+        values = self.shared_prompt_logps(reference, *rows, padded)
+        return None if values is None else (values[:, 0], values[:, 1])
+
+    @property
+    def _tolerance(self) -> float:
+        """Relative tolerance of every check: both paths round under bf16/fp16 autocast."""
+        return 2e-2 if (self.trainer.args.bf16 or self.trainer.args.fp16) else 1e-4
+
+    @property
+    def _pad_id(self) -> int:
+        return getattr(self.trainer._tokenizer, "pad_token_id", None) or 0
 
     # ------------------------------------------------------------------------------------------------ checks
     def _overhead(self, grad: bool) -> int | None:
@@ -99,12 +162,13 @@ class FastPath:
                 self._say(model, reason)
         return verdict
 
-    def _say(self, model, reason: str) -> None:
+    def _say(self, model, reason: str, fallback: str = "Using TRL's standard log-prob computation") -> None:
         """Logs a fallback once per trainer and reason (the policy and the reference usually share it)."""
-        if reason not in self._said:
-            self._said.add(reason)
+        if (fallback, reason) not in self._said:
+            self._said.add((fallback, reason))
             logger.info(
-                "Using TRL's standard log-prob computation for %s (%s): %s; results are the same, only slower.",
+                "%s for %s (%s): %s; results are the same, only slower.",
+                fallback,
                 self._role(model),
                 type(self.causal_lm(model)).__name__,
                 reason,
@@ -175,17 +239,22 @@ class FastPath:
                     overhead = self._overhead(grad=False)
                     fast = logps.completion_logps(model, ids, mask, completion, bucket_overhead_tokens=overhead)
                     fast = fast.log_probs
-                fast = fast.sum(-1).double()
+                fast = fast.sum(-1)
         finally:
             unwrapped.train(was_training)
-        tolerance = 2e-2 if (self.trainer.args.bf16 or self.trainer.args.fp16) else 1e-4
-        error = ((fast - ref).abs() / ref.abs().clamp(min=1.0)).max().item()
+        error, tolerance = _relative_error(fast, ref), self._tolerance
         if not error <= tolerance:
             return (
                 f"its {'packed ' if packed else 'completion-only '}log-probs differ from TRL's by {error:.2e} on the "
                 f"first batch (relative; tolerance {tolerance:g})"
             )
         return None
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |got - expected| / max(|expected|, 1) (summed log-probs; 1 keeps values near 0 absolute)."""
+    got, expected = got.double(), expected.double()
+    return ((got - expected).abs() / expected.abs().clamp(min=1.0)).max().item()
 
 
 def fast_path(trainer) -> FastPath:

@@ -13,14 +13,11 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-from . import logps
-from .fast_path import fast_path
-from .shared_prompt import shared_prompt_logps
+from .fast_path import TARGET_KEYS, fast_path
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-_TARGET_KEYS = ("input_ids", "attention_mask", "completion_mask")
 
 
 def default_cache_dir() -> str:
@@ -109,10 +106,10 @@ def sorted_pass(trainer, model, seqs: list[tuple[list[int], int]], token_budget:
             "attention_mask": mask.to(device),
             "completion_mask": completion.to(device),
         }
-        values = fast_path(trainer).sequence_logps(model, batch, _TARGET_KEYS)
+        values = fast_path(trainer).sequence_logps(model, batch, TARGET_KEYS)
         if values is None:  # TRL's fused head on every position
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            per_token = model(**{k: batch[k] for k in _TARGET_KEYS[:2]}, labels=labels, fused_lm_head=True).log_probs
+            per_token = model(**{k: batch[k] for k in TARGET_KEYS[:2]}, labels=labels, fused_lm_head=True).log_probs
             values = per_token[:, -(width - 1) :].sum(-1)
         out[torch.tensor(rows)] = values.float().cpu()
         start = end
@@ -121,19 +118,18 @@ def sorted_pass(trainer, model, seqs: list[tuple[list[int], int]], token_budget:
 
 def shared_prompt_pass(trainer, model, seqs, token_budget: int, pad_id: int) -> torch.Tensor | None:
     """What [`sorted_pass`] returns for `seqs` = N target sequences then their N KL sequences (row i's KL sequence
-    has row i's prompt), with each prompt run once for both ([`shared_prompt.shared_prompt_logps`]), in batches of
-    rows sorted by length holding at most `token_budget` padded tokens. The first batch is also run through
-    [`sorted_pass`]: None (the caller runs that) where they differ, the fast path does not apply to the model, or some
-    prompt is empty; the reason is logged."""
+    has row i's prompt), with each prompt run once for both ([`FastPath.shared_prompt_logps`]), in batches of rows
+    sorted by length holding at most `token_budget` padded tokens. None (the caller runs [`sorted_pass`]) where a
+    prompt is empty or differs between a row and its KL row, or the model fails the first batch's check."""
     n = len(seqs) // 2
     rows = []
     for (target, n_prompt), (kl, kl_prompt) in zip(seqs[:n], seqs[n:]):
         if n_prompt == 0 or kl_prompt != n_prompt or kl[:n_prompt] != target[:n_prompt]:
-            return _fallback("a row has an empty prompt, or its KL row another prompt")
+            return None
         rows.append((target[:n_prompt], [target[n_prompt:], kl[n_prompt:]]))
     order = sorted(range(n), key=lambda i: len(rows[i][0]) + max(map(len, rows[i][1])))
     out = torch.empty(n, 2, dtype=torch.float32)
-    start, settings = 0, None
+    start = 0
     while start < n:
         end, widest_prompt, widest_completion = start, 0, 0
         while end < n:
@@ -143,35 +139,18 @@ def shared_prompt_pass(trainer, model, seqs, token_budget: int, pad_id: int) -> 
                 break
             widest_prompt, widest_completion, end = p, c, end + 1
         batch = order[start:end]
-        if settings is None:  # first batch: the padded pass decides whether this model gives the same values
-            expected = sorted_pass(
-                trainer, model, [seqs[i] for i in batch] + [seqs[n + i] for i in batch], 1 << 62, pad_id
-            )
-            lm = fast_path(trainer).causal_lm(model)
-            settings = logps.installed_head_settings(lm) if fast_path(trainer).is_fast(model) else None
-            if settings is None:
-                return _fallback("the completion-only head does not apply to this model")
-        try:
-            values = shared_prompt_logps(
-                lm, settings, [rows[i][0] for i in batch], [rows[i][1] for i in batch], pad_id
-            )
-        except Exception as error:  # a model whose forward takes no cache or position_ids
-            return _fallback(f"the cached-prompt forward failed ({type(error).__name__}: {error})")
-        values = values.float().cpu()
-        if start == 0:
-            got = torch.cat([values[:, 0], values[:, 1]]).double()
-            error = ((got - expected.double()).abs() / expected.double().abs().clamp(min=1.0)).max().item()
-            tolerance = 2e-2 if (trainer.args.bf16 or trainer.args.fp16) else 1e-4
-            if not error <= tolerance:
-                return _fallback(f"its log-probs differ from the padded pass by {error:.2e} (relative)")
-        out[torch.tensor(batch)] = values
+
+        def padded(batch=batch):  # the same values from the padded pass, for the first batch's check
+            both = [seqs[i] for i in batch] + [seqs[n + i] for i in batch]
+            return sorted_pass(trainer, model, both, token_budget, pad_id).view(2, -1).T
+
+        prompts, completions = [rows[i][0] for i in batch], [rows[i][1] for i in batch]
+        values = fast_path(trainer).shared_prompt_logps(model, prompts, completions, padded)
+        if values is None:
+            return None
+        out[torch.tensor(batch)] = values.float().cpu()
         start = end
     return torch.cat([out[:, 0], out[:, 1]])
-
-
-def _fallback(reason: str) -> None:
-    logger.info("Reference pass with each prompt run twice (target and KL rows): %s.", reason)
-    return None
 
 
 def precompute(trainer, dataset, name: str, batch_size: int):

@@ -74,3 +74,29 @@ def shared_prompt_logps(
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         total = total + score_positions(lm, settings, hidden, labels).log_probs.sum(-1)
     return total.view(n_rows, k)
+
+
+def rows_from_batch(batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[list[list[int]]]] | None:
+    """(prompts, [[target completion, KL completion], ...]) of a collated KTO batch (right-padded `input_ids` /
+    `KL_input_ids` [B, T] with their `attention_mask` and `completion_mask`), for [`shared_prompt_logps`]; None unless
+    every row i has one KL row whose prompt is row i's, each prompt non-empty and each completion contiguous after it
+    (e.g. a KL subset, left padding or a row without a prompt)."""
+    keys = ("input_ids", "attention_mask", "completion_mask")
+    if batch["KL_input_ids"].size(0) != batch["input_ids"].size(0):
+        return None
+    target = [_split_row(*row) for row in zip(*(batch[k].tolist() for k in keys))]
+    kl = [_split_row(*row) for row in zip(*(batch[f"KL_{k}"].tolist() for k in keys))]
+    if any(t is None or k is None or not t[0] or t[0] != k[0] for t, k in zip(target, kl)):
+        return None
+    return [t[0] for t in target], [[t[1], k[1]] for t, k in zip(target, kl)]
+
+
+def _split_row(ids: list[int], attention: list[int], completion: list[int]) -> tuple[list[int], list[int]] | None:
+    """(prompt, completion) of one right-padded row, or None when its tokens are not prompt, completion, padding."""
+    length = sum(attention)
+    start = completion.index(1) if 1 in completion else length
+    expected_attention = [1] * length + [0] * (len(ids) - length)
+    expected_completion = [0] * start + [1] * (length - start) + [0] * (len(ids) - length)
+    if attention != expected_attention or completion != expected_completion:
+        return None
+    return ids[:start], ids[start:length]

@@ -14,10 +14,10 @@ from trl import KTOConfig, KTOTrainer
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import add_fused_lm_head, use_adapter
 
-from . import guards, ref_cache, reference, resume, sampling, validation
+from . import guards, ref_cache, reference, resume, sampling, step_metrics, validation
 from .collator import KTOExtCollator, keep_kl_rows
 from .config import KTOExtConfig
-from .fast_path import fast_path
+from .fast_path import KL_KEYS, TARGET_KEYS, fast_path
 from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, loss_aversion_for
 from .pairing import add_dataset_kl_pairing
@@ -198,11 +198,12 @@ class KTOExtTrainer(KTOTrainer):
         if self.calculate_KL and self.args.kl_subset_size is not None:
             batch = keep_kl_rows(batch, self.args.kl_subset_size)
         outputs = self._policy_forward(model, batch)
+        reference, kl_reference = self._reference_logps(batch)
         logps = SequenceLogps(
             policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
-            reference=self._reference_target_logps(batch),
+            reference=reference,
             kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else None,
-            kl_reference=self._reference_kl_logps(batch) if self.calculate_KL else None,
+            kl_reference=kl_reference,
         )
         if self.loss_type == "apo_zero_unpaired":
             result = apo_zero_unpaired_loss(
@@ -226,7 +227,7 @@ class KTOExtTrainer(KTOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
         loss, record = guards.guard_loss(self, mode, batch, loss)  # a batch without completion tokens, NaN/inf
         if record:
-            self._record_metrics(mode, batch, labels, logps, outputs, result.metrics)
+            step_metrics.record(self, mode, batch, labels, logps, outputs, result.metrics)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**self._model_kwargs(batch))
@@ -266,14 +267,31 @@ class KTOExtTrainer(KTOTrainer):
                 reference.check_reference_available(self, "reference log-probs")
                 yield self.model  # not updated yet: the policy is still the reference
 
+    def _reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Reference log-probs of the target rows [B] and the KL rows [K] (None without KL rows)."""
+        both = self._shared_prompt_reference(batch)
+        if both is not None:
+            return both
+        return self._reference_target_logps(batch), (self._reference_kl_logps(batch) if self.calculate_KL else None)
+
+    def _shared_prompt_reference(self, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # Row i's target and KL row share row i's prompt: the reference runs it once for both (KV cache).
+        if not self.calculate_KL or "ref_logps" in batch or "ref_KL_logps" in batch or not self._only_text(batch):
+            return None
+        with self._reference() as ref:
+            return fast_path(self).paired_rows_logps(ref, batch)
+
+    def _only_text(self, batch) -> bool:
+        return set(self._model_kwargs(batch)) == {"input_ids", "attention_mask", "use_cache"}
+
     def _reference_target_logps(self, batch) -> torch.Tensor:
         if "ref_logps" in batch:
             return batch["ref_logps"].to(self.accelerator.device)
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         kwargs = {k: v for k, v in self._model_kwargs(batch).items() if k != "output_router_logits"}
         with self._reference() as ref:
-            if set(kwargs) == {"input_ids", "attention_mask", "use_cache"}:
-                fast = fast_path(self).sequence_logps(ref, batch, ("input_ids", "attention_mask", "completion_mask"))
+            if self._only_text(batch):
+                fast = fast_path(self).sequence_logps(ref, batch, TARGET_KEYS)
                 if fast is not None:
                     return fast
             per_token = ref(**kwargs, labels=labels, fused_lm_head=True).log_probs
@@ -287,9 +305,11 @@ class KTOExtTrainer(KTOTrainer):
 
     def _compute_kl_logps(self, model, batch):
         # Log-probs only (no entropy / mean logits), completion positions only, length-bucketed; else TRL's.
-        keys = ("KL_input_ids", "KL_attention_mask", "KL_completion_mask")
-        only_text = set(self._model_kwargs(batch)) == {"input_ids", "attention_mask", "use_cache"}
-        fast = fast_path(self).sequence_logps(model, batch, keys) if self.calculate_KL and only_text else None
+        fast = (
+            fast_path(self).sequence_logps(model, batch, KL_KEYS)
+            if self.calculate_KL and self._only_text(batch)
+            else None
+        )
         return fast if fast is not None else super()._compute_kl_logps(model, batch)
 
     def _global_reference_point(self, kl_logratios: torch.Tensor) -> torch.Tensor:
@@ -301,83 +321,13 @@ class KTOExtTrainer(KTOTrainer):
         return totals[0] / totals[1].clamp(min=1)
 
     # --------------------------------------------------------------------------------------------------- metrics
-    def _record_metrics(self, mode, batch, labels, logps: SequenceLogps, outputs, metrics) -> None:
-        """Adds this step's metrics, summed over processes with a single collective."""
-        mask = batch["completion_mask"][:, 1:].float()
-        seq_len = mask.size(1)
-        rewards = metrics.rewards.float()
-        policy = logps.policy.detach().float()
-        chosen, rejected = labels.float(), (~labels).float()
-        token_logits = outputs.mean_logits[:, -seq_len:].detach().float() * mask
-        entropy = outputs.entropy[:, -seq_len:].detach().float() * mask
-        sums = torch.stack(
-            [
-                chosen.sum(),
-                rejected.sum(),
-                (rewards * chosen).sum(),
-                (rewards * rejected).sum(),
-                (policy * chosen).sum(),
-                (policy * rejected).sum(),
-                entropy.sum(),
-                mask.sum(),
-                (token_logits.sum(-1) * chosen).sum(),
-                (mask.sum(-1) * chosen).sum(),
-                (token_logits.sum(-1) * rejected).sum(),
-                (mask.sum(-1) * rejected).sum(),
-                batch["attention_mask"].sum().float(),
-            ]
-        )
-        sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
-        n_chosen, n_rejected, r_chosen, r_rejected, lp_chosen, lp_rejected = sums[:6]
-        entropy_sum, tokens, logit_chosen, tok_chosen, logit_rejected, tok_rejected, attended = sums[6:]
-        m = self._metrics[mode]
-        m["kl"].append(metrics.kl.item())
-        if self.calculate_KL:
-            m["kl_raw"].append(metrics.kl_raw.item())
-            m["kl_rows"].append(logps.kl_policy.numel())
-        m["count/desirable"].append(n_chosen)
-        m["count/undesirable"].append(n_rejected)
-        if tokens > 0:
-            m["entropy"].append(entropy_sum / tokens)
-        # A metric with no rows in this step is left out rather than logged as NaN.
-        if n_chosen > 0:
-            m["rewards/chosen"].append(r_chosen / n_chosen)
-            m["logps/chosen"].append(lp_chosen / n_chosen)
-        if n_rejected > 0:
-            m["rewards/rejected"].append(r_rejected / n_rejected)
-            m["logps/rejected"].append(lp_rejected / n_rejected)
-        if n_chosen > 0 and n_rejected > 0:
-            m["rewards/margins"].append(r_chosen / n_chosen - r_rejected / n_rejected)
-        if tok_chosen > 0:
-            m["logits/chosen"].append(logit_chosen / tok_chosen)
-        if tok_rejected > 0:
-            m["logits/rejected"].append(logit_rejected / tok_rejected)
-        if mode == "train":
-            self._total_train_tokens += int(attended) // self._tp_size
-        m["num_tokens"] = [self._total_train_tokens]
-
-    def _summarize(self, mode: str) -> dict[str, float]:
-        """The metrics collected since the last summary of `mode`, which are then cleared. Row counts and skipped
-        steps add up; every other metric is averaged over the steps (batches) that recorded it."""
-        metrics = {
-            key: (sum(values) if key.startswith(("count/", "skipped/")) else sum(values) / len(values))
-            for key, values in self._metrics[mode].items()
-            if values
-        }
-        self._metrics[mode].clear()
-        if self.loss_aversion is not None:
-            metrics["lambda_D"] = self.desirable_weight
-            metrics["lambda_U"] = self.undesirable_weight
-            metrics["loss_aversion_ratio"] = self.loss_aversion.ratio
-        return metrics
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # An evaluation's metrics are already in its `logs`, under its own prefix (see `evaluation_loop`); every other
         # call logs training, so the window's training metrics are added. TRL's `log` would average the row counts
         # and tell the two apart by `model.training`: skip to transformers' own.
         if not self._evaluating:
             guards.correct_logged_loss(self, logs)  # steps skipped for a NaN/inf loss are not a loss of 0
-            logs.update(self._summarize("train"))
+            logs.update(step_metrics.summarize(self, "train"))
         Trainer.log(self, logs, start_time)
 
     # ------------------------------------------------------------------------------------ evaluation and predict
@@ -392,7 +342,9 @@ class KTOExtTrainer(KTOTrainer):
                 output = super().evaluation_loop(
                     dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
                 )
-            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._summarize("eval").items()})
+            output.metrics.update(
+                {f"{metric_key_prefix}_{k}": v for k, v in step_metrics.summarize(self, "eval").items()}
+            )
         finally:
             self._metrics["eval"].clear()
         return output
