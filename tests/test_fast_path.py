@@ -18,7 +18,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from trl_kto_ext import KTOExtTrainer
 from trl_kto_ext.fast_path import fast_path
 from trl_kto_ext.logps import (
+    HeadSettings,
     completion_logps,
+    head_log_probs,
     install_completion_head,
     length_buckets,
     pack_rows,
@@ -360,3 +362,24 @@ def test_fallback_is_said_once_per_trainer(small_model, tiny_tokenizer, tmp_path
     )
     assert [r.getMessage() for r in caplog.records if r.name == "trl_kto_ext.fast_path"] == [message]
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "trl_kto_ext.fast_path")
+
+
+@pytest.mark.parametrize(
+    "temperature,softcap,logit_scale,with_bias,max_elements",
+    [(1.0, None, 1.0, False, 1 << 25), (0.7, 30.0, 0.5, True, 50), (1.3, None, 2.0, True, 7)],
+)
+def test_head_log_probs_equal_float64_log_softmax(temperature, softcap, logit_scale, with_bias, max_elements):
+    """The no-grad CPU head: TRL's logit transform (scale, soft-cap, temperature), token chunks down to one row."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(13, 8, generator=g), torch.randn(11, 8, generator=g)
+    bias = torch.randn(11, generator=g) if with_bias else None
+    targets = torch.randint(0, 11, (13,), generator=g)
+    settings = HeadSettings(temperature, softcap, logit_scale, False, "model")
+    got = head_log_probs(hidden, weight, bias, targets, settings, max_elements=max_elements)
+    z = hidden.double() @ weight.double().T + (bias.double() if with_bias else 0)
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    expected = (z / temperature).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)

@@ -91,7 +91,7 @@ def test_precompute_runs_each_prompt_once(small_model, tiny_tokenizer, tmp_path,
     initial = copy.deepcopy(small_model).eval()
     calls = []
     small_model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append(kwargs.get("past_key_values") is not None), with_kwargs=True
+        lambda module, args, kwargs: calls.append(kwargs.get("cache") is not None), with_kwargs=True
     )
     with caplog.at_level(logging.INFO, logger="trl_kto_ext"):
         trainer, _ = build(small_model, tiny_tokenizer, tmp_path, odd_length_dataset(21, seed=6))
@@ -161,7 +161,7 @@ def test_live_reference_of_a_step(small_model, tiny_tokenizer, tmp_path, caplog,
     initial = copy.deepcopy(model).eval()
     calls = []
     small_model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append(kwargs.get("past_key_values") is not None), with_kwargs=True
+        lambda module, args, kwargs: calls.append(kwargs.get("cache") is not None), with_kwargs=True
     )
     args = cpu_args(tmp_path, per_device_train_batch_size=6, kl_subset_size=kl_subset_size)
     data = odd_length_dataset(18, seed=9)

@@ -78,7 +78,8 @@ class FastPath:
         """Summed completion log-probs [B, K] of K completions per prompt, each prompt run once
         ([`shared_prompt.shared_prompt_logps`]); None where that does not apply to `model` (the caller runs the
         padded passes). The first call per model also runs `padded()` (the same [B, K] values from the padded passes,
-        or None where those are not on the fast path) and keeps the cached-prompt path for that model only if they agree within the tolerance of the other checks.
+        or None where those are not on the fast path) and keeps the cached-prompt path for that model only if both
+        agree within the tolerance of the other checks; otherwise the reason is logged once.
 
         Args:
             prompts: B token lists; completions: B lists of K token lists (see `shared_prompt_logps`).
@@ -100,7 +101,7 @@ class FastPath:
                 reason = "the completion-only head does not apply to it"
             else:
                 try:
-                    values = shared_prompt.shared_prompt_logps(lm, settings, prompts, completions, self._pad_id)
+                    values = self._run_shared(lm, settings, prompts, completions)
                     error = _relative_error(values, expected)
                     if not error <= self._tolerance:
                         reason = f"its log-probs differ from the padded pass by {error:.2e} (relative)"
@@ -111,8 +112,13 @@ class FastPath:
                 self._say(model, reason, "Running each prompt once per completion (target and KL rows)")
                 return None
             return values
-        settings = logps.installed_head_settings(lm)
-        return shared_prompt.shared_prompt_logps(lm, settings, prompts, completions, self._pad_id)
+        return self._run_shared(lm, logps.installed_head_settings(lm), prompts, completions)
+
+    def _run_shared(self, lm, settings, prompts, completions) -> torch.Tensor:
+        # The backbone is called directly, past accelerate's mixed-precision wrapper of the forward: its autocast here.
+        with self.trainer.accelerator.autocast():
+            values = shared_prompt.shared_prompt_logps(lm, settings, prompts, completions, self._pad_id)
+        return values.float()
 
     def paired_rows_logps(self, reference, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Summed log-probs under `reference` of a collated batch's target rows [B] and KL rows [B], each prompt run

@@ -116,28 +116,34 @@ def sorted_pass(trainer, model, seqs: list[tuple[list[int], int]], token_budget:
     return out
 
 
+_CHECK_ROWS = 4  # rows of the first batch of `shared_prompt_pass`, run both ways to check the model
+
+
 def shared_prompt_pass(trainer, model, seqs, token_budget: int, pad_id: int) -> torch.Tensor | None:
     """What [`sorted_pass`] returns for `seqs` = N target sequences then their N KL sequences (row i's KL sequence
     has row i's prompt), with each prompt run once for both ([`FastPath.shared_prompt_logps`]), in batches of rows
-    sorted by length holding at most `token_budget` padded tokens. None (the caller runs [`sorted_pass`]) where a
-    prompt is empty or differs between a row and its KL row, or the model fails the first batch's check."""
+    sorted by length holding at most `token_budget` padded tokens (both calls of a batch together). The first batch,
+    the `_CHECK_ROWS` shortest rows, is also run through [`sorted_pass`] as the model's check. None (the caller runs
+    [`sorted_pass`]) where a prompt is empty or differs between a row and its KL row, or the model fails the check."""
     n = len(seqs) // 2
     rows = []
     for (target, n_prompt), (kl, kl_prompt) in zip(seqs[:n], seqs[n:]):
         if n_prompt == 0 or kl_prompt != n_prompt or kl[:n_prompt] != target[:n_prompt]:
             return None
         rows.append((target[:n_prompt], [target[n_prompt:], kl[n_prompt:]]))
-    order = sorted(range(n), key=lambda i: len(rows[i][0]) + max(map(len, rows[i][1])))
+    # Each row runs as prompt + its longer completion (sorted by that length), the shorter continuing from the cache.
+    full = [len(prompt) + max(map(len, completions)) for prompt, completions in rows]
+    rest = [min(map(len, completions)) for _, completions in rows]
+    order = sorted(range(n), key=lambda i: full[i])
     out = torch.empty(n, 2, dtype=torch.float32)
     start = 0
     while start < n:
-        end, widest_prompt, widest_completion = start, 0, 0
+        end, widest, widest_rest = start, 0, 0
         while end < n:
-            prompt, completions = rows[order[end]]
-            p, c = max(widest_prompt, len(prompt)), max(widest_completion, *map(len, completions))
-            if end > start and (end + 1 - start) * (p + 2 * c) > token_budget:
+            w, r = max(widest, full[order[end]]), max(widest_rest, rest[order[end]])
+            if end > start and ((end + 1 - start) * (w + r) > token_budget or (start == 0 and end == _CHECK_ROWS)):
                 break
-            widest_prompt, widest_completion, end = p, c, end + 1
+            widest, widest_rest, end = w, r, end + 1
         batch = order[start:end]
 
         def padded(batch=batch):  # the same values from the padded pass, for the first batch's check

@@ -29,11 +29,12 @@ def shared_prompt_logps(
     """Summed log-probs log p(y_bk | x_b) of completion k of every prompt b, the prompt run through the backbone once.
 
     KTO scores each prompt x_i with two completions: its own (the target row) and another row's (the KL row of the
-    z0 estimate, paper eq. 4). A padded pass runs x_i twice; here x_i runs once with the KV cache on, the cache is
-    repeated for the K completions, and the completions continue from it (positions continuing from each prompt's own
-    length, the prompt padding masked out). The first completion token is scored from the prompt's last position.
-    The value is the same as that of a padded pass over x_b + y_bk up to float rounding; the caller checks that per
-    model, as attention kernels and caches differ.
+    z0 estimate, paper eq. 4). A padded pass runs x_i twice. Here each row's longest completion runs with its prompt
+    as one right-padded sequence with the KV cache on; the other completions continue from that cache (repeated for
+    each), with the first completion's keys and all padding masked out and positions continuing from the prompt's
+    own length. The first token of every completion is scored from the prompt's last position. The value is that of
+    an unpadded pass over x_b + y_bk up to float rounding; the caller checks that per model, since attention kernels
+    and caches differ.
 
     Args:
         lm: a causal LM with [`logps.install_completion_head`] applied (backbone at `settings.backbone_attr`);
@@ -44,36 +45,57 @@ def shared_prompt_logps(
 
     Returns:
         [B, K] summed log-probs (0 for an empty completion), in the output dtype of the LM head kernel.
+
+    Raises:
+        ValueError: a prompt is empty (nothing would score its completions' first tokens).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token: its last position scores the first completion token")
     device = lm.get_output_embeddings().weight.device
     backbone = getattr(lm, settings.backbone_attr)
     n_rows, k = len(prompts), len(completions[0])
-    prompt_ids, prompt_mask = right_padded(prompts, pad_id, device)
-    prompt_lengths = prompt_mask.sum(-1)
-    out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
-    last = out.last_hidden_state[torch.arange(n_rows, device=device), prompt_lengths - 1]  # [B, H]
+    main = [max(range(k), key=lambda j: len(row[j])) for row in completions]  # the longest completion of each row
+    out = torch.zeros(n_rows, k, device=device)
 
-    flat = [c for row in completions for c in row]  # row b * K + k
-    ids, mask = right_padded(flat, pad_id, device)  # [B K, C]
-    first_labels = ids[:, :1].masked_fill(mask[:, :1] == 0, -100)
-    total = score_positions(lm, settings, last.repeat_interleave(k, 0)[:, None], first_labels).log_probs[:, 0]
-    if ids.size(1) > 1:  # the rest of each completion, scored from its own previous token
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(k)
-        inputs, input_mask = ids[:, :-1], mask[:, :-1]
-        positions = prompt_lengths.repeat_interleave(k)[:, None] + torch.arange(inputs.size(1), device=device)
-        hidden = backbone(
+    # 1. prompt + longest completion, cache kept
+    ids, mask = right_padded([p + row[m] for p, row, m in zip(prompts, completions, main)], pad_id, device)
+    prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
+    scored = torch.arange(ids.size(1), device=device)[None, :] >= prompt_lengths[:, None]
+    labels = ids.masked_fill(~scored | (mask == 0), -100)[:, 1:]
+    result = backbone(input_ids=ids, attention_mask=mask, use_cache=k > 1)
+    hidden = result.last_hidden_state
+    rows = torch.arange(n_rows, device=device)
+    main_index = torch.tensor(main, device=device)
+    out[rows, main_index] = score_positions(lm, settings, hidden[:, :-1], labels).log_probs.sum(-1).float()
+    if k == 1:
+        return out
+
+    # 2. the other completions, continuing from the prompt's keys and values only
+    others = [[j for j in range(k) if j != m] for m in main]
+    flat = [completions[b][j] for b in range(n_rows) for j in others[b]]  # row b * (K - 1) + i
+    cont_ids, cont_mask = right_padded(flat, pad_id, device)
+    last = hidden[rows, prompt_lengths - 1].repeat_interleave(k - 1, 0)  # [B (K-1), H]: scores the first tokens
+    first_labels = cont_ids[:, :1].masked_fill(cont_mask[:, :1] == 0, -100)
+    values = score_positions(lm, settings, last[:, None], first_labels).log_probs[:, 0]
+    if cont_ids.size(1) > 1:
+        cache = result.cache
+        if k > 2:
+            cache.batch_repeat_interleave(k - 1)
+        prompt_only = (~scored & (mask == 1)).long().repeat_interleave(k - 1, 0)  # keys of the prompt alone
+        inputs, input_mask = cont_ids[:, :-1], cont_mask[:, :-1]
+        positions = prompt_lengths.repeat_interleave(k - 1)[:, None] + torch.arange(inputs.size(1), device=device)
+        cont_hidden = backbone(
             input_ids=inputs,
-            attention_mask=torch.cat([prompt_mask.repeat_interleave(k, 0), input_mask], dim=1),
+            attention_mask=torch.cat([prompt_only, input_mask], dim=1),
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         ).last_hidden_state
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total = total + score_positions(lm, settings, hidden, labels).log_probs.sum(-1)
-    return total.view(n_rows, k)
+        cont_labels = cont_ids[:, 1:].masked_fill(cont_mask[:, 1:] == 0, -100)
+        values = values + score_positions(lm, settings, cont_hidden, cont_labels).log_probs.sum(-1)
+    other_index = torch.tensor([j for b in range(n_rows) for j in others[b]], device=device)
+    out[rows.repeat_interleave(k - 1), other_index] = values.float()
+    return out
 
 
 def rows_from_batch(batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[list[list[int]]]] | None:
