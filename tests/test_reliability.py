@@ -190,6 +190,23 @@ def test_dropped_and_truncated_rows_are_counted_in_the_log(small_model, tiny_tok
     assert all(math.isfinite(h["loss"]) for h in logged_steps(trainer))
 
 
+def test_loss_aversion_counts_only_the_rows_kept(small_model, tiny_tokenizer, tmp_path, caplog):
+    """Two desirable rows whose prompt alone is longer than the model's 64 positions are dropped: lambda comes from
+    the 2 desirable and 4 undesirable rows trained on, and the advice does not ask for a longer max_length."""
+    prompts = [f"{i}+{i}=" for i in range(6)]
+    prompts[0] = prompts[1] = "1" * 70 + "+1="
+    labels = [True, True, True, True, False, False] + [False, False]
+    prompts += ["7+7=", "8+8="]
+    dataset = Dataset.from_dict({"prompt": prompts, "completion": ["2"] * 8, "label": labels})
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.validation"):
+        trainer = make_trainer(small_model, tiny_tokenizer, dataset, tmp_path, max_steps=1)
+    assert (trainer.loss_aversion.n_desirable, trainer.loss_aversion.n_undesirable) == (2, 4)
+    assert trainer.desirable_weight == pytest.approx(4 / 2) and trainer.undesirable_weight == pytest.approx(1.0)
+    assert "train dataset: dropped 2 of 8 rows whose prompt alone has max_length=64 tokens or more" in caplog.text
+    assert "longer than the model can take (max_position_embeddings 64)" in caplog.text
+    assert "Raise `max_length`" not in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------- tokenizer
 def test_missing_pad_token_uses_eos_with_a_warning(small_model, tiny_tokenizer, tmp_path):
     tiny_tokenizer.pad_token = None

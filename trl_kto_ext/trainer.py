@@ -60,8 +60,9 @@ class _LossAversionReport(TrainerCallback):
         if state.is_world_process_zero and self._trainer.loss_aversion is not None:
             print(self._trainer.loss_aversion.describe(), flush=True)
         if state.is_world_process_zero and args.bf16 and getattr(args, "bf16_from_default", False):
+            slower = " (most CPUs only emulate bf16: float32 trains faster there)" if args.device.type == "cpu" else ""
             print("bf16 left unset: training in bf16 mixed precision (the default on bf16 GPUs and with use_cpu=True); "
-                  "pass bf16=False for float32.")  # fmt: skip
+                  f"pass bf16=False for float32{slower}.")  # fmt: skip
 
 
 class KTOExtTrainer(KTOTrainer):
@@ -145,8 +146,6 @@ class KTOExtTrainer(KTOTrainer):
         # Labels read by meaning (a ClassLabel by its names) and pairs unpaired side by side, by the conversion that
         # prepare_unpaired and the CLI use; TRL's own unpairing would put every chosen row before every rejected one.
         dataset = as_unpaired(dataset)
-        if dataset_name == "train":
-            self._set_loss_aversion(dataset, args)
         # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids` (its rotation
         # within fixed blocks needs the sequential sampler). Rows whose prompt fills max_length are dropped by
         # `check_tokenized`, which logs how many (TRL drops them silently).
@@ -161,6 +160,8 @@ class KTOExtTrainer(KTOTrainer):
             self._tokenizer,
             position_limit=self._position_limit,
         )
+        if dataset_name == "train":
+            self._set_loss_aversion(dataset, args)  # counted over the rows kept: none of those dropped above
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
             dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
         return dataset

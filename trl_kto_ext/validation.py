@@ -310,12 +310,13 @@ def check_tokenized(
     if _main_process() and dropped.any():
         logger.warning(
             "%s dataset: dropped %d of %d rows whose prompt alone has max_length=%d tokens or more (nothing of the "
-            "completion would remain after truncation)%s. Raise `max_length` to keep them.",
+            "completion would remain after truncation)%s. %s",
             name,
             int(dropped.sum()),
             n,
             max_length,
             _more_rows(np.flatnonzero(dropped).tolist(), "dropped", always=True),
+            _length_advice(int((prompt_len + completion_len)[dropped].max()), max_length, position_limit, "them"),
         )
     if _main_process() and truncated.any():
         logger.warning(
