@@ -29,7 +29,7 @@ def shared_prompt_logps(
     """Summed log-probs log p(y_bk | x_b) of completion k of every prompt b, the prompt run through the backbone once.
 
     KTO scores each prompt x_i with two completions: its own (the target row) and another row's (the KL row of the
-    z0 estimate, paper eq. 4). A padded pass runs x_i twice. Here each row's longest completion runs with its prompt
+    reference point z0; Ethayarajh et al. 2024, arXiv 2402.01306). A padded pass runs x_i twice. Here each row's longest completion runs with its prompt
     as one right-padded sequence with the KV cache on; the other completions continue from that cache (repeated for
     each), with the first completion's keys and all padding masked out and positions continuing from the prompt's
     own length. The first token of every completion is scored from the prompt's last position. The value is that of
