@@ -13,14 +13,16 @@ from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 from trl_kto_ext import KTOExtTrainer
 
 
-def build(model, tokenizer, tmp_path, dataset):
-    args = cpu_args(
-        tmp_path / "out",
+def build(model, tokenizer, tmp_path, dataset, **overrides):
+    """A trainer whose reference log-probs are precomputed into `tmp_path/cache`, and the number of forward calls
+    of `model` that set-up made."""
+    settings = dict(
         per_device_train_batch_size=4,
         precompute_ref_log_probs=True,
         kl_pairing="dataset",
         ref_cache_dir=str(tmp_path / "cache"),
     )
+    args = cpu_args(tmp_path / "out", **{**settings, **overrides})
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
     try:

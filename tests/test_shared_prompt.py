@@ -136,15 +136,9 @@ def test_precompute_falls_back_where_the_cached_prompt_gives_other_values(
 def test_without_kl_rows_the_targets_are_a_single_pass(small_model, tiny_tokenizer, tmp_path):
     """apo_zero_unpaired has no KL rows: nothing to share, the targets' values are still exact."""
     initial = copy.deepcopy(small_model).eval()
-    args = cpu_args(
-        tmp_path / "out",
-        per_device_train_batch_size=4,
-        precompute_ref_log_probs=True,
-        loss_type="apo_zero_unpaired",
-        ref_cache_dir=str(tmp_path / "cache"),
+    trainer, _ = build(
+        small_model, tiny_tokenizer, tmp_path, odd_length_dataset(9, seed=8), loss_type="apo_zero_unpaired"
     )
-    data = odd_length_dataset(9, seed=8)
-    trainer = KTOExtTrainer(model=small_model, args=args, train_dataset=data, processing_class=tiny_tokenizer)
     for row in trainer.train_dataset:
         expected = float64_logps(initial, row["prompt_ids"], row["completion_ids"], trainer.args.max_length)
         assert row["ref_logps"] == pytest.approx(expected, 1e-5)
