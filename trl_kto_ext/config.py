@@ -239,3 +239,19 @@ class KTOExtConfig(KTOConfig):
                 f"`max_consecutive_nonfinite_steps` must be a whole number of steps >= 1, got {limit!r}: it is how many "
                 "optimizer steps in a row may be skipped for a NaN/inf loss before the run stops."
             )
+
+
+def as_ext_config(args: KTOConfig | None, model) -> KTOExtConfig:
+    """`args` as a `KTOExtConfig`: itself; a default one named after the model when None; a plain `trl.KTOConfig`'s
+    values with the added fields at their defaults. Raises TypeError for anything else."""
+    if isinstance(args, KTOExtConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+        return KTOExtConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-KTO")
+    if isinstance(args, KTOConfig):
+        # A plain TRL config keeps its values; the added fields take their defaults.
+        values = {k: v for k, v in args.to_dict().items() if k in KTOExtConfig.__dataclass_fields__}
+        values = {k: getattr(args, k) for k in values if KTOExtConfig.__dataclass_fields__[k].init}
+        return KTOExtConfig(**values)
+    raise TypeError(f"`args` must be a KTOExtConfig or trl.KTOConfig, got {type(args).__name__}.")

@@ -130,3 +130,13 @@ def reference_for_pass(trainer):
             yield
         finally:
             trainer.ref_model = None
+
+
+def needs_reference_copy(model, args, peft_config) -> bool:
+    """Whether the trainer must copy `model` as its frozen reference: a full fine-tune of a model object (TRL would
+    reload a reference from its name) whose reference log-probs are not all cached before training, and not k-bit."""
+    if isinstance(model, str) or peft_config is not None or is_peft_model(model):
+        return False
+    if args.precompute_ref_log_probs and (args.kl_pairing == "dataset" or args.loss_type == "apo_zero_unpaired"):
+        return False  # every reference log-prob is cached before training: no reference model is kept
+    return not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))

@@ -16,7 +16,7 @@ from trl.trainer.utils import add_fused_lm_head, use_adapter
 
 from . import guards, ref_cache, reference, resume, sampling, step_metrics, validation
 from .collator import KTOExtCollator, keep_kl_rows
-from .config import KTOExtConfig
+from .config import as_ext_config
 from .fast_path import KL_KEYS, TARGET_KEYS, fast_path
 from .loss import apo_zero_unpaired_loss, kto_loss
 from .loss_aversion import LossAversion, loss_aversion_for
@@ -80,12 +80,12 @@ class KTOExtTrainer(KTOTrainer):
     from .model_card import create_model_card  # TRL's card names no local base, data or lambda: model_card.py
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
-        args = _as_ext_config(args, model)
+        args = as_ext_config(args, model)
         if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
             check_kbit_backend(args.device.type)  # a clear message before any weights are loaded
         self._vocab_rows = validation.check_before_setup(model, args, kwargs)  # empty train set, pad token
         self._position_limit = validation.fit_max_length(model, args)  # within the model's position embeddings
-        if ref_model is None and _needs_reference_copy(model, args, kwargs.get("peft_config")):
+        if ref_model is None and reference.needs_reference_copy(model, args, kwargs.get("peft_config")):
             # TRL reloads the reference from `model.config._name_or_path`, which fails for a model built in memory and
             # is wrong for one changed since loading (e.g. after SFT in the same notebook): copy the model as given.
             ref_model = frozen_copy(model)
@@ -396,25 +396,3 @@ class KTOExtTrainer(KTOTrainer):
 
 def _pairing_seed(args) -> int:
     return args.kl_pairing_seed if args.kl_pairing_seed is not None else args.seed
-
-
-def _needs_reference_copy(model, args, peft_config) -> bool:
-    if isinstance(model, str) or peft_config is not None or is_peft_model(model):
-        return False
-    if args.precompute_ref_log_probs and (args.kl_pairing == "dataset" or args.loss_type == "apo_zero_unpaired"):
-        return False  # every reference log-prob is cached before training: no reference model is kept
-    return not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
-def _as_ext_config(args: KTOConfig | None, model) -> KTOExtConfig:
-    if isinstance(args, KTOExtConfig):
-        return args
-    if args is None:
-        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-        return KTOExtConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-KTO")
-    if isinstance(args, KTOConfig):
-        # A plain TRL config keeps its values; the added fields take their defaults.
-        values = {k: v for k, v in args.to_dict().items() if k in KTOExtConfig.__dataclass_fields__}
-        values = {k: getattr(args, k) for k in values if KTOExtConfig.__dataclass_fields__[k].init}
-        return KTOExtConfig(**values)
-    raise TypeError(f"`args` must be a KTOExtConfig or trl.KTOConfig, got {type(args).__name__}.")
