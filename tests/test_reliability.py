@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import cpu_args
 from datasets import Dataset
+from test_nonfinite import NaNFrom
 from transformers import TrainerCallback
 
 from trl_kto_ext import KTOExtCollator, KTOExtConfig, KTOExtTrainer
@@ -281,26 +282,11 @@ def test_compute_loss_on_a_fully_masked_batch_is_finite_with_zero_gradient(small
 
 
 # ------------------------------------------------------------------------------------------- non-finite loss
-class InjectNaN(TrainerCallback):
-    """Makes the policy's hidden states NaN during one optimizer step (the reference model is a separate copy)."""
-
-    def __init__(self, trainer, step):
-        self.trainer, self.step, self.handle = trainer, step, None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step:
-            norm = self.trainer.model.model.norm
-            self.handle = norm.register_forward_hook(lambda module, inputs, output: output * float("nan"))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
 
 
 def test_nonfinite_loss_stops_with_the_step_and_likely_causes(small_model, tiny_tokenizer, tmp_path):
     trainer = make_trainer(small_model, tiny_tokenizer, make_kto_dataset(24), tmp_path, max_steps=4)
-    trainer.add_callback(InjectNaN(trainer, step=3))
+    trainer.add_callback(NaNFrom(trainer, steps=[3]))
     with pytest.raises(NonFiniteLossError, match=r"Non-finite training loss \(nan\) at step 3 \(epoch 0\.33\)") as e:
         trainer.train()
     message = str(e.value)
@@ -316,7 +302,7 @@ def test_nonfinite_loss_skipped_with_zero_gradient_and_counted(small_model, tiny
     trainer = make_trainer(
         small_model, tiny_tokenizer, make_kto_dataset(24), tmp_path, max_steps=4, on_nonfinite_loss="skip"
     )
-    trainer.add_callback(InjectNaN(trainer, step=3))
+    trainer.add_callback(NaNFrom(trainer, steps=[3]))
     with caplog.at_level(logging.WARNING, logger="trl_kto_ext.validation"):
         trainer.train()
     assert "Non-finite loss (nan) at step 3: skipped (zero gradient, counted in `skipped/nonfinite_steps`)" in (
