@@ -85,7 +85,7 @@ def time_forward_pass(trainer, collate_fn, batch_size: int, sort_by_length: bool
             _sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             if own:
-                from trl_kto_ext.fast_path import fast_path
+                from trl_kto_ext.logprobs.fast_path import fast_path
 
                 with trainer.accelerator.autocast():
                     keys = ("input_ids", "attention_mask", "completion_mask")

@@ -26,7 +26,7 @@ import torch
 
 def main(route: str) -> None:
     torch.set_num_threads(1)
-    from trl_kto_ext.tiny import build_model, build_tokenizer, make_kto_dataset
+    from trl_kto_ext.models.tiny import build_model, build_tokenizer, make_kto_dataset
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

@@ -15,7 +15,7 @@ not depend on the allocator. Step time is the median wall time of the optimizer 
 process over the same steps (with one thread, the CPU time is the work done, which other processes sharing the
 cores inflate far less than the wall time).
 
-`--size tiny` is the embedded tiny default (`trl_kto_ext.tiny.build_tiny_default`); `--size medium` is a randomly
+`--size tiny` is the embedded tiny default (`trl_kto_ext.models.tiny.build_tiny_default`); `--size medium` is a randomly
 initialised Llama of the same shape family (hidden 512, 8 layers, ~26M parameters), closer to where LoRA pays off.
 """
 
@@ -46,10 +46,10 @@ def _rss_bytes() -> int:
 
 def _model_dir(size: str, workdir: str) -> str:
     if size == "tiny":
-        from trl_kto_ext.tiny import build_tiny_default
+        from trl_kto_ext.models.tiny import build_tiny_default
 
         return str(build_tiny_default().model_dir)
-    from trl_kto_ext.tiny import build_model, build_tokenizer
+    from trl_kto_ext.models.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     path = os.path.join(workdir, f"{size}-model")
@@ -68,7 +68,7 @@ def run_arm(arm: str, opts: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
 
     from trl_kto_ext import KTOExtConfig, KTOExtTrainer
-    from trl_kto_ext.tiny import make_kto_dataset
+    from trl_kto_ext.models.tiny import make_kto_dataset
 
     class StepTimer(TrainerCallback):
         def __init__(self):

@@ -4,12 +4,12 @@
     python scripts/online_compare.py [--quick] [--out results/]
 
 Every method starts from the pretrained tiny base model, is rewarded by the same exact-answer verifier
-(`trl_kto_ext.tiny.exact_answer_reward`), generates the same number of completions (steps x batch) and takes the same
+(`trl_kto_ext.models.tiny.exact_answer_reward`), generates the same number of completions (steps x batch) and takes the same
 number of optimizer steps with the same batch size and scheduler (beta 0.1 for both KTOs; GRPO keeps TRL's
 defaults):
 - online KTO (`OnlineKTOTrainer`): each step samples `num_generations` answers for batch/num_generations prompts from
   the current policy, labels them with the verifier, and takes a KTO step on them;
-- offline KTO (`KTOExtTrainer`): the reproduction's data (`trl_kto_ext.reproduction`): the same number of answers
+- offline KTO (`KTOExtTrainer`): the reproduction's data (`reproduction`): the same number of answers
   sampled once from the base model, labelled by the verifier, kept as the right/wrong pairs' rows;
 - GRPO (`trl.GRPOTrainer`): the same prompts, generations per prompt and reward function.
 The learning rate of each method is picked on seed 0 from the same grid by greedy accuracy on validation prompts taken
@@ -32,10 +32,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
+from reproduction import build_preference_data, fresh_copy, sample_completions, train_prompt_split  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 
-from trl_kto_ext import tiny  # noqa: E402
-from trl_kto_ext.reproduction import build_preference_data, fresh_copy, sample_completions, train_prompt_split  # noqa: E402
+from trl_kto_ext.models import tiny  # noqa: E402
 
 METHODS = ("online_kto", "offline_kto", "grpo")
 LABELS = {"online_kto": "online KTO", "offline_kto": "offline KTO", "grpo": "GRPO (TRL)"}

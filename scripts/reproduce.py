@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-
-from trl_kto_ext.reproduction import (  # noqa: E402
+from reproduction import (  # noqa: E402
     ARM_LABELS,
     ARM_SHORT,
     ARMS,
@@ -66,7 +65,7 @@ def run(cfg: dict, out: Path) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_kto_ext.tiny import build_tiny_default, heldout_prompts
+    from trl_kto_ext.models.tiny import build_tiny_default, heldout_prompts
 
     t_start = time.perf_counter()
     datasets.disable_progress_bars()

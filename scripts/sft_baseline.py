@@ -10,7 +10,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from trl_kto_ext.tiny import build_tiny_default, make_kto_dataset
+from trl_kto_ext.models.tiny import build_tiny_default, make_kto_dataset
 
 
 def load_train_dataset(n_rows: int, seed: int):

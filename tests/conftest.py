@@ -16,14 +16,14 @@ os.environ.setdefault("TRL_KTO_EXT_REF_CACHE", tempfile.mkdtemp(prefix="trl-kto-
 
 @pytest.fixture(scope="session")
 def tiny_default():
-    from trl_kto_ext.tiny import build_tiny_default
+    from trl_kto_ext.models.tiny import build_tiny_default
 
     return build_tiny_default()
 
 
 @pytest.fixture
 def tiny_tokenizer():
-    from trl_kto_ext.tiny import build_tokenizer
+    from trl_kto_ext.models.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -31,7 +31,7 @@ def tiny_tokenizer():
 @pytest.fixture
 def small_model(tiny_tokenizer):
     """A randomly initialised tiny Llama (fast to build; for checks that need no trained base)."""
-    from trl_kto_ext.tiny import build_model
+    from trl_kto_ext.models.tiny import build_model
 
     return build_model(tiny_tokenizer, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 

@@ -11,7 +11,7 @@ def main(out: str) -> None:
     from conftest import cpu_args
 
     from trl_kto_ext import KTOExtTrainer
-    from trl_kto_ext.tiny import build_model, build_tokenizer, make_kto_dataset
+    from trl_kto_ext.models.tiny import build_model, build_tokenizer, make_kto_dataset
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trl_kto_ext.cli import main, resolve_model_path
+from trl_kto_ext.__main__ import main
+from trl_kto_ext.cli.run import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The trl-kto-ext configs (configs/ also holds inputs of other scripts, e.g. scripts/reproduce.py).

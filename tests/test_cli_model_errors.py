@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from trl_kto_ext import cli
+from trl_kto_ext.cli import offline as cli
 
 ROWS = [{"prompt": f"{i}+1=", "completion": str(i + 1 + i % 2), "label": i % 2 == 0} for i in range(8)]
 

@@ -1,4 +1,4 @@
-"""Tests for trl_kto_ext.data: loading every local format, label normalisation, validation messages, unpairing."""
+"""Tests for trl_kto_ext.data.loading: loading every local format, label normalisation, validation messages, unpairing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from data_helpers import ROWS, _hf_cache_in_tmp, _write  # noqa: F401  (the fixture is autouse)
 from datasets import Dataset
 
-from trl_kto_ext.data import (
+from trl_kto_ext.data.loading import (
     count_labels,
     load_unpaired_dataset,
     normalize_label,

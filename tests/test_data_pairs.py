@@ -10,15 +10,15 @@ from data_helpers import _hf_cache_in_tmp, _write  # noqa: F401  (the fixture is
 from datasets import Dataset
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-from trl_kto_ext import data
-from trl_kto_ext.data import (
+from trl_kto_ext.data import loading as data
+from trl_kto_ext.data.eval_split import train_eval_split
+from trl_kto_ext.data.loading import (
     count_labels,
     load_unpaired_dataset,
     prepare_unpaired,
     subsample_class,
     unpair_paired_dataset,
 )
-from trl_kto_ext.eval_split import train_eval_split
 
 # ---------------------------------------------------------------- paired data
 

@@ -7,7 +7,7 @@ import json
 
 from data_helpers import _hf_cache_in_tmp  # noqa: F401  (the fixture is autouse)
 
-from trl_kto_ext.data import load_unpaired_dataset
+from trl_kto_ext.data.loading import load_unpaired_dataset
 
 
 def test_csv_numbers_are_text(tmp_path):

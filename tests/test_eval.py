@@ -10,7 +10,7 @@ from conftest import cpu_args
 from peft import LoraConfig
 
 from trl_kto_ext import KTOExtTrainer
-from trl_kto_ext.tiny import make_kto_dataset
+from trl_kto_ext.models.tiny import make_kto_dataset
 
 # Metrics that depend on time, not on the model.
 _TIMING = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")

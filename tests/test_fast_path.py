@@ -16,8 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from trl_kto_ext import KTOExtTrainer
-from trl_kto_ext.fast_path import fast_path
-from trl_kto_ext.logps import (
+from trl_kto_ext.logprobs.completion import (
     HeadSettings,
     completion_logps,
     head_log_probs,
@@ -26,7 +25,8 @@ from trl_kto_ext.logps import (
     pack_rows,
     packed_completion_logps,
 )
-from trl_kto_ext.tiny import ALPHABET
+from trl_kto_ext.logprobs.fast_path import fast_path
+from trl_kto_ext.models.tiny import ALPHABET
 
 
 def odd_length_dataset(n_rows, seed):
@@ -350,7 +350,7 @@ def test_fallback_is_said_once_per_trainer(small_model, tiny_tokenizer, tmp_path
     says so once, at info level, whatever the number of passes."""
     model = get_peft_model(small_model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     args = cpu_args(tmp_path, max_steps=2, per_device_train_batch_size=4)
-    with caplog.at_level(logging.INFO, logger="trl_kto_ext.fast_path"):
+    with caplog.at_level(logging.INFO, logger="trl_kto_ext.logprobs.fast_path"):
         trainer = KTOExtTrainer(
             model=model, args=args, train_dataset=odd_length_dataset(12, seed=6), processing_class=tiny_tokenizer
         )
@@ -360,8 +360,8 @@ def test_fallback_is_said_once_per_trainer(small_model, tiny_tokenizer, tmp_path
         "Using TRL's standard log-prob computation for the model (LlamaForCausalLM): prompt-learning PEFT adds virtual "
         "tokens; results are the same, only slower."
     )
-    assert [r.getMessage() for r in caplog.records if r.name == "trl_kto_ext.fast_path"] == [message]
-    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "trl_kto_ext.fast_path")
+    assert [r.getMessage() for r in caplog.records if r.name == "trl_kto_ext.logprobs.fast_path"] == [message]
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "trl_kto_ext.logprobs.fast_path")
 
 
 @pytest.mark.parametrize(

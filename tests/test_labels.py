@@ -11,7 +11,7 @@ from datasets import ClassLabel, Dataset
 from trl import KTOConfig
 
 from trl_kto_ext import KTOExtTrainer
-from trl_kto_ext.data import load_unpaired_dataset, prepare_unpaired
+from trl_kto_ext.data.loading import load_unpaired_dataset, prepare_unpaired
 from trl_kto_ext.loss_aversion import count_raw_labels
 
 # (desirable marker, undesirable marker). Sorted by `class_encode_column`, the desirable name gets code 0 in the
@@ -178,7 +178,8 @@ def test_pairs_given_to_the_trainer_are_interleaved(small_model, tiny_tokenizer,
 
 
 def test_prepare_unpaired_and_cli_print_the_conversion(tmp_path, capsys):
-    from trl_kto_ext.cli import load_datasets, parse_args
+    from trl_kto_ext.cli.offline import load_datasets, make_parser
+    from trl_kto_ext.cli.parsing import parse_args
 
     out = prepare_unpaired(_text_pairs())
     assert capsys.readouterr().out.splitlines() == ["40 pairs -> 80 unpaired rows, interleaved"]
@@ -186,7 +187,7 @@ def test_prepare_unpaired_and_cli_print_the_conversion(tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
     _text_pairs().to_json(str(path))
     script_args, training_args, _, _ = parse_args(["--dataset_name", str(path), "--output_dir", str(tmp_path),
-                                                   "--eval_strategy", "no"])  # fmt: skip
+                                                   "--eval_strategy", "no"], make_parser())  # fmt: skip
     train, _, _ = load_datasets(script_args, training_args)
     assert "40 pairs -> 80 unpaired rows, interleaved" in capsys.readouterr().out.splitlines()
     assert train["label"] == [True, False] * N_PAIRS
@@ -195,7 +196,7 @@ def test_prepare_unpaired_and_cli_print_the_conversion(tmp_path, capsys):
 
 
 def test_streams_are_converted_the_same_way(capsys):
-    from trl_kto_ext.unpairing import as_unpaired
+    from trl_kto_ext.data.unpairing import as_unpaired
 
     rows = list(as_unpaired(_text_pairs(3).to_iterable_dataset()))
     assert [(r["prompt"], r["completion"], r["label"]) for r in rows] == [
@@ -213,7 +214,7 @@ def test_streams_are_converted_the_same_way(capsys):
 
 
 def test_subsample_class_reads_class_label_names():
-    from trl_kto_ext.data import subsample_class
+    from trl_kto_ext.data.loading import subsample_class
 
     # Keep every desirable row and 1 of the 4 undesirable ones: the kept labels show which class was subsampled.
     kept = subsample_class(_class_label_rows(FAMILIES[0]), undesirable_fraction=0.25, seed=0)

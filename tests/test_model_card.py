@@ -1,9 +1,9 @@
-"""Tests of trl_kto_ext.model_card: the README.md a run leaves in output_dir names the base, data, lambda and metrics."""
+"""Tests of trl_kto_ext.report.model_card: the README.md a run leaves in output_dir names the base, data, lambda and metrics."""
 
 from conftest import cpu_args
 
 from trl_kto_ext import KTOExtTrainer
-from trl_kto_ext.tiny import make_kto_dataset
+from trl_kto_ext.models.tiny import make_kto_dataset
 
 
 def test_card_after_three_steps(tiny_default, tmp_path):

@@ -8,8 +8,8 @@ from conftest import cpu_args, logged_losses
 from transformers import TrainerCallback
 
 from trl_kto_ext import KTOExtConfig, KTOExtTrainer
-from trl_kto_ext.guards import NonFiniteLossError
-from trl_kto_ext.tiny import make_kto_dataset
+from trl_kto_ext.models.tiny import make_kto_dataset
+from trl_kto_ext.training.guards import NonFiniteLossError
 
 
 class NaNFrom(TrainerCallback):

@@ -11,10 +11,10 @@ from conftest import sequence_logps
 from peft import LoraConfig
 
 from trl_kto_ext import OnlineKTOConfig, OnlineKTOTrainer
-from trl_kto_ext.loss_aversion_window import RollingLossAversion
-from trl_kto_ext.reference import frozen_copy
-from trl_kto_ext.rewards import label_rewards
-from trl_kto_ext.tiny import exact_answer_reward, make_prompt_dataset
+from trl_kto_ext.logprobs.reference import frozen_copy
+from trl_kto_ext.models.tiny import exact_answer_reward, make_prompt_dataset
+from trl_kto_ext.online.rewards import label_rewards
+from trl_kto_ext.online.rolling_loss_aversion import RollingLossAversion
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["12+3=", "45+7=", "8+9=", "60+4=", "33+8=", "71+2="]
@@ -181,7 +181,7 @@ def test_same_seed_same_samples_and_metrics(tiny_default, tmp_path):
 
 # -------------------------------------------------------------------------------------------------------- CLI
 def test_cli_config_smoke_run(tiny_default, tmp_path, capsys):
-    from trl_kto_ext.cli import main
+    from trl_kto_ext.__main__ import main
 
     out = tmp_path / "run"
     argv = ["online", "--config", str(ROOT / "configs" / "online-tiny.yaml"), "--max_steps", "3",
@@ -326,7 +326,7 @@ def test_cli_prompt_loading_shares_the_offline_loader(tmp_path, monkeypatch):
     prompt column, and a Hub id under HF_HUB_OFFLINE failing at once in one line."""
     import datasets
 
-    from trl_kto_ext.cli_online import OnlineScriptArguments, load_prompt_dataset
+    from trl_kto_ext.cli.online import OnlineScriptArguments, load_prompt_dataset
 
     path = tmp_path / "prompts.csv"
     path.write_text("question,answer\n007,7\n18+9,27\n")

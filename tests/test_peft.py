@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from trl_kto_ext import KTOExtConfig, KTOExtTrainer
-from trl_kto_ext.tiny import make_kto_dataset
+from trl_kto_ext.models.tiny import make_kto_dataset
 
 N_ROWS = 16
 

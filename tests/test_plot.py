@@ -1,10 +1,10 @@
-"""Tests of trl_kto_ext.plotting: curves from a synthetic trainer_state.json, and the missing-file error."""
+"""Tests of trl_kto_ext.report.plotting: curves from a synthetic trainer_state.json, and the missing-file error."""
 
 import json
 
 import pytest
 
-from trl_kto_ext.plotting import find_state_file, plot_training
+from trl_kto_ext.report.plotting import find_state_file, plot_training
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -88,7 +88,7 @@ def test_short_run_figure_is_readable(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from trl_kto_ext.plotting import make_figure
+    from trl_kto_ext.report.plotting import make_figure
 
     summary = {"step": 5, "train_loss": 0.4993, "rewards/chosen": 0.003, "rewards/rejected": -0.001}
     summary.update({"rewards/margins": 0.004, "kl": 0.0028, "kl_raw": -0.0038, "lambda_D": 1.0, "lambda_U": 1.0})
@@ -114,7 +114,7 @@ def test_long_run_has_no_markers_and_eval_is_dashed():
     import matplotlib
 
     matplotlib.use("Agg")
-    from trl_kto_ext.plotting import make_figure
+    from trl_kto_ext.report.plotting import make_figure
 
     history = [{"step": s, "loss": 1.0 / s, "kl": 0.0, "kl_raw": -0.01} for s in range(1, 151)]
     history += [{"step": s, "eval_loss": 0.5} for s in (50, 100, 150)]
@@ -130,7 +130,7 @@ def test_empty_run_says_so_and_a_checkpoint_source_is_named(tmp_path, capsys):
     drawn from a checkpoint names the run and the checkpoint."""
     from matplotlib.figure import Figure
 
-    from trl_kto_ext import plotting
+    from trl_kto_ext.report import plotting
 
     _write_state(tmp_path / "run" / "checkpoint-5", [])
     assert plotting.main([str(tmp_path / "run")]) == 0
@@ -148,7 +148,7 @@ def test_empty_run_says_so_and_a_checkpoint_source_is_named(tmp_path, capsys):
 
 
 def test_single_eval_point_is_told_apart_from_training_points_and_online_metrics_are_drawn():
-    from trl_kto_ext.plotting import make_figure
+    from trl_kto_ext.report.plotting import make_figure
 
     history = [
         {"step": 5, "loss": 0.4, "online/desirable_share": 0.6, "online/reward": 0.6},

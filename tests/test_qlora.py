@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_kto_ext import KTOExtConfig, KTOExtTrainer
-from trl_kto_ext.peft_utils import check_kbit_backend
-from trl_kto_ext.tiny import make_kto_dataset
+from trl_kto_ext.models.tiny import make_kto_dataset
+from trl_kto_ext.training.peft_utils import check_kbit_backend
 
 QLORA_STEPS = 24
 QLORA_ROWS = 16  # a small set seen several times at a high learning rate: the loss must go down

@@ -35,7 +35,7 @@ def build(model, tokenizer, tmp_path, dataset, **overrides):
 def test_second_run_reads_the_cache_and_changes_miss(small_model, tiny_tokenizer, tmp_path, caplog):
     initial = copy.deepcopy(small_model)
     data = odd_length_dataset(21, seed=5)
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.ref_cache"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.logprobs.ref_cache"):
         first, first_calls = build(copy.deepcopy(initial), tiny_tokenizer, tmp_path, data)
     assert "cache miss" in caplog.text and str(tmp_path / "cache") in caplog.text
     assert first_calls > 0
@@ -55,7 +55,7 @@ def test_second_run_reads_the_cache_and_changes_miss(small_model, tiny_tokenizer
     assert torch.allclose(got_kl, expected_kl, rtol=1e-5, atol=0)
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.ref_cache"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.logprobs.ref_cache"):
         second, second_calls = build(copy.deepcopy(initial), tiny_tokenizer, tmp_path, data)
     assert "cache hit" in caplog.text and str(files[0]) in caplog.text
     assert second_calls == 0  # no reference forward at all
@@ -66,13 +66,13 @@ def test_second_run_reads_the_cache_and_changes_miss(small_model, tiny_tokenizer
     with torch.no_grad():
         changed.model.norm.weight[0] += 1e-3  # one weight of the reference
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.ref_cache"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.logprobs.ref_cache"):
         _, calls = build(changed, tiny_tokenizer, tmp_path, data)
     assert "cache miss" in caplog.text and calls > 0
 
     other = data.map(lambda row, i: {"completion": row["completion"] + ("x" if i == 7 else "")}, with_indices=True)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.ref_cache"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.logprobs.ref_cache"):
         _, calls = build(copy.deepcopy(initial), tiny_tokenizer, tmp_path, other)
     assert "cache miss" in caplog.text and calls > 0
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
@@ -83,7 +83,7 @@ def test_a_truncated_cache_file_is_recomputed(small_model, tiny_tokenizer, tmp_p
     first, _ = build(copy.deepcopy(small_model), tiny_tokenizer, tmp_path, data)
     (path,) = (tmp_path / "cache").glob("*.pt")
     path.write_bytes(path.read_bytes()[:20])
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.ref_cache"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.logprobs.ref_cache"):
         second, calls = build(copy.deepcopy(small_model), tiny_tokenizer, tmp_path, data)
     assert "unreadable reference cache" in caplog.text and "cache miss" in caplog.text and calls > 0
     assert second.train_dataset["ref_logps"] == pytest.approx(first.train_dataset["ref_logps"], rel=1e-6)

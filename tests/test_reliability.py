@@ -13,8 +13,8 @@ from test_nonfinite import NaNFrom
 from transformers import TrainerCallback
 
 from trl_kto_ext import KTOExtCollator, KTOExtConfig, KTOExtTrainer
-from trl_kto_ext.guards import NonFiniteLossError
-from trl_kto_ext.tiny import make_kto_dataset
+from trl_kto_ext.models.tiny import make_kto_dataset
+from trl_kto_ext.training.guards import NonFiniteLossError
 
 
 def make_trainer(model, tokenizer, dataset, tmp_path, **overrides):
@@ -179,7 +179,7 @@ def test_dropped_and_truncated_rows_are_counted_in_the_log(small_model, tiny_tok
     for row in (1, 4, 7):
         completions[row] = "1" * 12
     dataset = Dataset.from_dict({"prompt": prompts, "completion": completions, "label": [True, False] * 4})
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.validation"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data.validation"):
         trainer = make_trainer(small_model, tiny_tokenizer, dataset, tmp_path, max_length=12, max_steps=1)
     text = caplog.text
     assert "train dataset: dropped 2 of 8 rows whose prompt alone has max_length=12 tokens or more" in text
@@ -199,7 +199,7 @@ def test_loss_aversion_counts_only_the_rows_kept(small_model, tiny_tokenizer, tm
     labels = [True, True, True, True, False, False] + [False, False]
     prompts += ["7+7=", "8+8="]
     dataset = Dataset.from_dict({"prompt": prompts, "completion": ["2"] * 8, "label": labels})
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.validation"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data.validation"):
         trainer = make_trainer(small_model, tiny_tokenizer, dataset, tmp_path, max_steps=1)
     assert (trainer.loss_aversion.n_desirable, trainer.loss_aversion.n_undesirable) == (2, 4)
     assert trainer.desirable_weight == pytest.approx(4 / 2) and trainer.undesirable_weight == pytest.approx(1.0)
@@ -257,7 +257,7 @@ def test_batch_with_every_completion_truncated_is_skipped_and_counted(small_mode
         train_dataset=dataset,
         processing_class=tiny_tokenizer,
     )
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.validation"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data.validation"):
         trainer.train()
     assert "Step 2: every completion token of the batch is masked" in caplog.text
     assert "counted in the `skipped/empty_batches` metric" in caplog.text
@@ -303,7 +303,7 @@ def test_nonfinite_loss_skipped_with_zero_gradient_and_counted(small_model, tiny
         small_model, tiny_tokenizer, make_kto_dataset(24), tmp_path, max_steps=4, on_nonfinite_loss="skip"
     )
     trainer.add_callback(NaNFrom(trainer, steps=[3]))
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.validation"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data.validation"):
         trainer.train()
     assert "Non-finite loss (nan) at step 3: skipped (zero gradient, counted in `skipped/nonfinite_steps`)" in (
         caplog.text

@@ -10,7 +10,7 @@ from conftest import cpu_args
 from transformers import TrainerCallback
 
 from trl_kto_ext import KTOExtTrainer
-from trl_kto_ext.tiny import make_kto_dataset
+from trl_kto_ext.models.tiny import make_kto_dataset
 
 # Logged values that depend on the wall clock, not on the training.
 _TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}

@@ -6,7 +6,7 @@ from datasets import Dataset
 from test_streaming import RecordingTrainer
 
 from trl_kto_ext import KTOExtConfig
-from trl_kto_ext.sampling import STRATEGIES
+from trl_kto_ext.data.sampling import STRATEGIES
 
 
 def _rows(n=24, words=lambda i: i % 6 + 1):

@@ -14,8 +14,8 @@ from test_ref_cache import build
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_kto_ext import KTOExtTrainer
-from trl_kto_ext.logps import install_completion_head, installed_head_settings
-from trl_kto_ext.shared_prompt import rows_from_batch, shared_prompt_logps
+from trl_kto_ext.logprobs.completion import install_completion_head, installed_head_settings
+from trl_kto_ext.logprobs.shared_prompt import rows_from_batch, shared_prompt_logps
 
 
 def float64_logps(model, prompt, completion, max_length=None):

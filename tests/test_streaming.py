@@ -129,7 +129,7 @@ def test_stream_sorted_by_label_is_a_clear_error(small_model, tiny_tokenizer, tm
 def test_cli_streams_a_local_jsonl_file(tiny_default, tmp_path, capsys):
     from test_cli import TINY_CONFIG
 
-    from trl_kto_ext.cli import main
+    from trl_kto_ext.__main__ import main
 
     rows = [{"question": f"{a}+{a}=", "answer": str(2 * a + (a % 2)), "label": a % 3 == 0} for a in range(24)]
     data = tmp_path / "data.jsonl"
@@ -157,4 +157,4 @@ def test_cli_streaming_refuses_class_fractions(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
     argv = ["--config", TINY_CONFIG, "--dataset_name", str(data), "--dataset_streaming", "true"]
     message = _error([*argv, "--output_dir", str(tmp_path / "run"), "--desirable_fraction", "0.5"])
-    assert "desirable_fraction / undesirable_fraction need the whole dataset" in message
+    assert "--desirable_fraction / --undesirable_fraction need the whole dataset" in message

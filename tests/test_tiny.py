@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_kto_ext import tiny
-from trl_kto_ext.tiny import (
+from trl_kto_ext.models import tiny
+from trl_kto_ext.models.tiny import (
     build_model,
     build_tiny_default,
     build_tokenizer,

@@ -11,7 +11,7 @@ from datasets import Dataset
 from trl import KTOConfig, KTOTrainer
 
 from trl_kto_ext import KTOExtTrainer
-from trl_kto_ext.data import prepare_unpaired
+from trl_kto_ext.data.loading import prepare_unpaired
 
 # The tiny tokenizer is character level: this template renders tools, tool calls, tool results, content parts and
 # reasoning with characters of its alphabet only.

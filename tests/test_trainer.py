@@ -11,7 +11,7 @@ from trl import KTOConfig, KTOTrainer
 from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
 from trl_kto_ext import KTOExtConfig, KTOExtTrainer
-from trl_kto_ext.tiny import make_kto_dataset
+from trl_kto_ext.models.tiny import make_kto_dataset
 
 
 def perturb_(model, scale=0.05, seed=0):

@@ -13,8 +13,8 @@ from data_helpers import _hf_cache_in_tmp  # noqa: F401  (the fixture is autouse
 from datasets import Dataset
 
 from trl_kto_ext import KTOExtTrainer
-from trl_kto_ext.cli import main
-from trl_kto_ext.data import prepare_unpaired
+from trl_kto_ext.__main__ import main
+from trl_kto_ext.data.loading import prepare_unpaired
 
 
 def _error(argv, capsys=None) -> str:

@@ -10,10 +10,10 @@ from conftest import cpu_args
 from datasets import Dataset
 
 from trl_kto_ext import KTOExtTrainer
-from trl_kto_ext.cli import main
-from trl_kto_ext.data import prepare_unpaired
-from trl_kto_ext.eval_split import train_eval_split
-from trl_kto_ext.validation import check_tokenized
+from trl_kto_ext.__main__ import main
+from trl_kto_ext.data.eval_split import train_eval_split
+from trl_kto_ext.data.loading import prepare_unpaired
+from trl_kto_ext.data.validation import check_tokenized
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
@@ -107,13 +107,13 @@ def _tokenized(prompt_len: int, completion_len: int) -> Dataset:
 
 
 def test_length_advice_within_the_model_limit(caplog):
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.validation"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data.validation"):
         check_tokenized(_tokenized(30, 50), 64, "train", position_limit=128)
     assert "Raise `max_length` to 80 to keep every row whole, or shorten them." in caplog.text
 
 
 def test_length_advice_past_the_model_limit(caplog):
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.validation"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data.validation"):
         check_tokenized(_tokenized(30, 432), 64, "train", position_limit=64)
     assert "Raise `max_length`" not in caplog.text
     assert (
@@ -156,7 +156,7 @@ def test_one_class_stops_before_the_model_loads(tmp_path, capsys):
 
 
 def test_one_class_in_python_is_a_one_line_notice(caplog, recwarn):
-    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data"):
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data.loading"):
         prepare_unpaired(Dataset.from_list([dict(r, label=True) for r in _pairs(2)]))
     assert caplog.messages == [
         "Only one label present (4 desirable, 0 undesirable): fine for evaluation, but training needs both."
@@ -176,7 +176,7 @@ def test_misspelt_column_says_what_to_pass(tmp_path):
 def test_small_or_one_class_eval_split_is_said(capsys):
     from datasets import Dataset
 
-    from trl_kto_ext.eval_split import train_eval_split
+    from trl_kto_ext.data.eval_split import train_eval_split
 
     rows = [{"prompt": f"q{i // 2}", "completion": f"a{i}", "label": i % 2 == 0 or i < 4} for i in range(40)]
     train, held_out = train_eval_split(Dataset.from_list(rows), 0.05, seed=0, report=print)

@@ -12,7 +12,7 @@ from transformers import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-from trl_kto_ext.tiny import ALPHABET
+from trl_kto_ext.models.tiny import ALPHABET
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
 SPECIAL += ["<|video_pad|>"]

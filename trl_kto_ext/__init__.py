@@ -18,8 +18,8 @@ _LAZY = {
     "KTOLossMetrics": "trl_kto_ext.loss",
     "resolve_loss_aversion": "trl_kto_ext.loss_aversion",
     "LossAversion": "trl_kto_ext.loss_aversion",
-    "OnlineKTOConfig": "trl_kto_ext.online_config",
-    "OnlineKTOTrainer": "trl_kto_ext.online",
+    "OnlineKTOConfig": "trl_kto_ext.online.config",
+    "OnlineKTOTrainer": "trl_kto_ext.online.trainer",
 }
 
 __all__ = [
@@ -37,13 +37,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .collator import KTOExtCollator
-    from .config import KTOExtConfig
-    from .loss import KTOLossMetrics, KTOLossOutput, kto_loss
-    from .loss_aversion import LossAversion, resolve_loss_aversion
-    from .online import OnlineKTOTrainer
-    from .online_config import OnlineKTOConfig
-    from .trainer import KTOExtTrainer
+    from trl_kto_ext.collator import KTOExtCollator
+    from trl_kto_ext.config import KTOExtConfig
+    from trl_kto_ext.loss import KTOLossMetrics, KTOLossOutput, kto_loss
+    from trl_kto_ext.loss_aversion import LossAversion, resolve_loss_aversion
+    from trl_kto_ext.online.config import OnlineKTOConfig
+    from trl_kto_ext.online.trainer import OnlineKTOTrainer
+    from trl_kto_ext.trainer import KTOExtTrainer
 
 
 def __getattr__(name: str):

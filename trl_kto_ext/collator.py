@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 from dataclasses import dataclass, field
 from typing import Any
 
-from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
-
-from .pairing import MismatchedCompletions
+from trl_kto_ext.pairing import MismatchedCompletions
+from trl_kto_ext.trl_internals import DataCollatorForUnpairedPreference
 
 
 @dataclass

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import warnings
 from dataclasses import dataclass, field
 
 from trl import KTOConfig
 
-from .sampling import STRATEGIES
+from trl_kto_ext.data.sampling import STRATEGIES
 
 # Eq. (8) of the KTO paper (arXiv 2402.01306): lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3].
 LOSS_AVERSION_RANGE = (1.0, 4.0 / 3.0)

@@ -8,8 +8,8 @@ from typing import NamedTuple
 
 from datasets import Dataset, IterableDataset
 
-from .config import LOSS_AVERSION_RANGE
-from .labels import label_values
+from trl_kto_ext.config import LOSS_AVERSION_RANGE
+from trl_kto_ext.data.labels import label_values
 
 
 class LossAversion(NamedTuple):
@@ -94,7 +94,7 @@ def count_raw_labels(dataset) -> tuple[int, int] | None:
                 raise ValueError(
                     f"Row {row} has label {value!r} ({type(value).__name__}); KTO labels must be booleans "
                     "(True = desirable, False = undesirable). Convert the column first, e.g. with "
-                    "`trl_kto_ext.data.prepare_unpaired(dataset)`, which accepts 0/1, 'good'/'bad', 'up'/'down', ..."
+                    "`trl_kto_ext.data.loading.prepare_unpaired(dataset)`, which accepts 0/1, 'good'/'bad', 'up'/'down', ..."
                 )
         n_desirable = sum(labels)
         return n_desirable, len(labels) - n_desirable

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import contextlib
 from collections import defaultdict
 from typing import Any, NamedTuple
@@ -11,21 +11,28 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import Trainer, TrainerCallback
 from trl import KTOConfig, KTOTrainer
-from trl.models import prepare_deepspeed
-from trl.trainer.utils import add_fused_lm_head, use_adapter
 
-from . import guards, ref_cache, reference, resume, sampling, step_metrics, validation
-from .collator import KTOExtCollator, keep_kl_rows
-from .config import as_ext_config
-from .fast_path import KL_KEYS, TARGET_KEYS, fast_path
-from .loss import apo_zero_unpaired_loss, kto_loss
-from .loss_aversion import LossAversion, loss_aversion_for
-from .pairing import add_dataset_kl_pairing
-from .peft_utils import asks_for_kbit, check_kbit_backend
-from .reference import HostReference, frozen_copy
-from .scoped import activation_checkpointing_off, attribute, loss_type_during_setup, without_trl_weight_advice
-from .unpairing import as_unpaired
-from .vision import vision_collator, with_decoded_labels
+from trl_kto_ext.collator import KTOExtCollator, keep_kl_rows
+from trl_kto_ext.config import as_ext_config
+from trl_kto_ext.data import sampling, validation
+from trl_kto_ext.data.unpairing import as_unpaired
+from trl_kto_ext.logprobs import ref_cache, reference
+from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
+from trl_kto_ext.logprobs.reference import HostReference, frozen_copy
+from trl_kto_ext.loss import apo_zero_unpaired_loss, kto_loss
+from trl_kto_ext.loss_aversion import LossAversion, loss_aversion_for
+from trl_kto_ext.pairing import add_dataset_kl_pairing
+from trl_kto_ext.report import step_metrics
+from trl_kto_ext.training import guards, resume
+from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend
+from trl_kto_ext.training.scoped import (
+    activation_checkpointing_off,
+    attribute,
+    loss_type_during_setup,
+    without_trl_weight_advice,
+)
+from trl_kto_ext.trl_internals import add_fused_lm_head, prepare_deepspeed, use_adapter
+from trl_kto_ext.vision import vision_collator, with_decoded_labels
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
@@ -77,7 +84,9 @@ class KTOExtTrainer(KTOTrainer):
     - The loss is [`kto_loss`], a pure function; z0 is the mean KL log-ratio over the KL rows of all processes.
     """
 
-    from .model_card import create_model_card  # TRL's card names no local base, data or lambda: model_card.py
+    from trl_kto_ext.report.model_card import (
+        create_model_card,  # TRL's card names no local base, data or lambda: model_card.py
+    )
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
         args = as_ext_config(args, model)

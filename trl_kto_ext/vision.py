@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from trl.trainer.kto_trainer import DataCollatorForVisionUnpairedPreference
-
-from .labels import decode_labels
-from .pairing import MismatchedCompletions
-from .sampling import check_lengths
+from trl_kto_ext.data.labels import decode_labels
+from trl_kto_ext.data.sampling import check_lengths
+from trl_kto_ext.pairing import MismatchedCompletions
+from trl_kto_ext.trl_internals import DataCollatorForVisionUnpairedPreference
 
 # The KL batch is collated like the target batch; these of its tensors become the `KL_` keys.
 _KL_KEYS = ("input_ids", "attention_mask", "completion_mask", "token_type_ids", "mm_token_type_ids")

@@ -19,8 +19,8 @@ from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-# The task lives in its own module; its public names are part of this namespace (configs name `trl_kto_ext.tiny.*`).
-from .tiny_task import (  # noqa: F401
+# The task lives in its own module; its public names are part of this namespace (configs name `trl_kto_ext.models.tiny.*`).
+from trl_kto_ext.models.addition import (  # noqa: F401
     HELDOUT_SIZE,
     MAX_A,
     MAX_B,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .loss_aversion import LossAversion, resolve_loss_aversion
+from trl_kto_ext.loss_aversion import LossAversion, resolve_loss_aversion
 
 
 class RollingLossAversion:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from trl_kto_ext.trl_internals import KTO_TRAINER_LOGGER
+
 
 @contextlib.contextmanager
 def activation_checkpointing_off(model, checkpointing_kwargs: dict | None):
@@ -27,7 +29,7 @@ class _TrlWeightAdvice(logging.Filter):
 @contextlib.contextmanager
 def without_trl_weight_advice():
     """Drops TRL's log line on desirable/undesirable weights while the block runs."""
-    trl_logger, advice = logging.getLogger("trl.trainer.kto_trainer"), _TrlWeightAdvice()
+    trl_logger, advice = logging.getLogger(KTO_TRAINER_LOGGER), _TrlWeightAdvice()
     trl_logger.addFilter(advice)
     try:
         yield

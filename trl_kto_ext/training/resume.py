@@ -7,9 +7,9 @@ import json
 import os
 from collections import deque
 
-from .collator import KTOExtCollator
-from .pairing import FallbackSource
-from .vision import KTOExtVisionCollator
+from trl_kto_ext.collator import KTOExtCollator
+from trl_kto_ext.pairing import FallbackSource
+from trl_kto_ext.vision import KTOExtVisionCollator
 
 # Collators that draw the KL pairing themselves and carry a state to save.
 _PAIRING_COLLATORS = (KTOExtCollator, KTOExtVisionCollator)

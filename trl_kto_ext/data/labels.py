@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, Dataset, IterableDataset, Value
 
-from .rows import more_rows, row_ref
+from trl_kto_ext.data.rows import more_rows, row_ref
 
 _TRUE = "true 1 desirable good up thumbs_up 👍 yes positive chosen".split()
 _FALSE = "false 0 undesirable bad down thumbs_down 👎 no negative rejected".split()

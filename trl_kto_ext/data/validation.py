@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 
-from .labels import decode_labels
-from .messages import check_rendered, structure_problem
-from .rows import more_rows as _more_rows
-from .rows import row_ref
+from trl_kto_ext.data.labels import decode_labels
+from trl_kto_ext.data.messages import check_rendered, structure_problem
+from trl_kto_ext.data.rows import more_rows as _more_rows
+from trl_kto_ext.data.rows import row_ref
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ _UNPAIRED = ("prompt", "completion", "label")
 _LAYOUTS = "`prompt`, `completion`, `label` (unpaired) or `prompt`, `chosen`, `rejected` (paired)"
 _LABEL_HINT = (
     "KTO labels must be booleans (True = desirable, False = undesirable). Fix or drop that row, or convert the column "
-    "with `trl_kto_ext.data.prepare_unpaired(dataset)`, which maps 0/1, 'good'/'bad', 'up'/'down', ... to booleans "
+    "with `trl_kto_ext.data.loading.prepare_unpaired(dataset)`, which maps 0/1, 'good'/'bad', 'up'/'down', ... to booleans "
     "and names any value it cannot map."
 )
 _MESSAGES_HINT = (
@@ -203,7 +203,7 @@ def _check_columns(columns: list[str], values, name: str) -> list[str]:
             f"The {name} dataset has no {', '.join(repr(c) for c in missing)} column (columns present: "
             f"{sorted(present)}). KTOExtTrainer needs {_LAYOUTS}. Rename your columns, e.g. "
             "`dataset = dataset.rename_column('output', 'completion')`, or load the data with "
-            "`trl_kto_ext.data.prepare_unpaired(dataset, prompt_column=..., completion_column=..., label_column=...)`."
+            "`trl_kto_ext.data.loading.prepare_unpaired(dataset, prompt_column=..., completion_column=..., label_column=...)`."
         )
     return text
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 
 import json
 import math
@@ -11,15 +11,22 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
-from trl.data_utils import _tokenize, is_conversational
-from trl.models.utils import disable_gradient_checkpointing
+from trl import is_conversational
 
-from .loss_aversion import LossAversion
-from .loss_aversion_window import RollingLossAversion
-from .online_config import OnlineKTOConfig
-from .rewards import call_reward_func, combine_rewards, label_rewards, load_reward_funcs, reward_func_name
-from .scoped import attribute
-from .trainer import KTOExtTrainer
+from trl_kto_ext.loss_aversion import LossAversion
+from trl_kto_ext.online.config import OnlineKTOConfig
+from trl_kto_ext.online.rewards import (
+    call_reward_func,
+    combine_rewards,
+    label_rewards,
+    load_reward_funcs,
+    reward_func_name,
+)
+from trl_kto_ext.online.rolling_loss_aversion import RollingLossAversion
+from trl_kto_ext.trainer import KTOExtTrainer
+from trl_kto_ext.training.scoped import attribute
+from trl_kto_ext.trl_internals import disable_gradient_checkpointing
+from trl_kto_ext.trl_internals import tokenize_row as _tokenize
 
 # Dataset columns that are not passed to reward functions as keyword arguments (GRPOTrainer's list).
 _NOT_REWARD_KWARGS = ("prompt", "completion", "completion_ids", "prompts", "completions")

@@ -5,6 +5,43 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+from dataclasses import fields
+
+from trl_kto_ext.models import TINY_DATASET, TINY_MODEL
+
+# --help shows these groups, in this order ([`help_groups`]); every other option is listed by --help-all only.
+KTO_OPTIONS = (
+    "beta loss_aversion loss_aversion_target desirable_weight undesirable_weight kl_pairing kl_pairing_seed "
+    "kl_subset_size loss_type max_length precompute_ref_log_probs on_nonfinite_loss train_sampling_strategy"
+)
+TRAINING_OPTIONS = (
+    "output_dir max_steps num_train_epochs learning_rate lr_scheduler_type warmup_steps "
+    "per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps optim weight_decay "
+    "max_grad_norm use_cpu bf16 fp16 activation_checkpointing seed logging_steps eval_strategy eval_steps "
+    "save_strategy save_steps report_to resume_from_checkpoint model_init_kwargs"
+)
+OTHER_GROUP = "all other options (transformers TrainingArguments, TRL KTOConfig)"
+# TRL/transformers help texts that say something untrue for these commands.
+HELP_TEXTS = {
+    "dataset_name": f"A Hub dataset id, a local folder (save_to_disk or data files), a .jsonl/.json/.csv/.parquet file, "
+    f"or {TINY_DATASET} (the embedded offline addition data).",
+    "dataset_config": "Dataset configuration name (the `name` argument of `datasets.load_dataset`).",
+    "dataset_streaming": "Read the dataset lazily (an IterableDataset; max_steps is required). The loss aversion is "
+    "counted from its first loss_aversion_stream_rows rows.",
+    "model_name_or_path": f"A Hub model id, a local folder, or {TINY_MODEL} (the embedded 0.5M-parameter model, built "
+    "and cached on first use).",
+}
+
+
+def help_groups(data_options: str, model_config: type) -> dict[str, str]:
+    """The --help groups of a command, in order: KTO, its `data_options`, the fields of `model_config`, training."""
+    return {
+        "KTO": KTO_OPTIONS,
+        "data": data_options,
+        "model/LoRA": " ".join(f.name for f in fields(model_config)),
+        "common training options": TRAINING_OPTIONS,
+    }
+
 
 # Groups argparse makes itself; options never moved out of them (-h, --config, ...).
 _KEEP = ("help", "help_all", "config", "print_config", argparse.SUPPRESS)

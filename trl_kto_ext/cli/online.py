@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 
 import sys
 from dataclasses import dataclass, field, fields
 
-from trl import ModelConfig, ScriptArguments
+from trl import ModelConfig, ScriptArguments, TrlParser
 
-from .cli import (
-    HELP_GROUPS,
-    HELP_TEXTS,
-    TINY_DATASET,
-    TINY_MODEL,
-    _Parser,
-    as_flags,
-    format_config,
-    parse_args,
-    resolve_model_path,
-)
-from .cli_config import PROG, _fail
-from .cli_help import HelpAllAction, HelpFormatter, group_options
-from .online_config import OnlineKTOConfig
+from trl_kto_ext.cli.help import help_groups
+from trl_kto_ext.cli.parsing import PROG, _fail, as_flags, format_config, new_parser, one_line_warnings, parse_args
+from trl_kto_ext.cli.run import resolve_model_path
+from trl_kto_ext.models import TINY_DATASET, TINY_MODEL
+from trl_kto_ext.online.config import OnlineKTOConfig
 
 DESCRIPTION = f"""Online KTO (OnlineKTOTrainer): sample completions from the policy, label them with reward functions,
 train with the KTO loss. Every option can also be set in a YAML file, --config FILE; flags override the file.
 Offline default: --model_name_or_path {TINY_MODEL} --dataset_name {TINY_DATASET} --reward_funcs
-trl_kto_ext.tiny.exact_answer_reward (configs/online-tiny.yaml)."""
+trl_kto_ext.models.tiny.exact_answer_reward (configs/online-tiny.yaml)."""
 
 
 @dataclass
@@ -37,7 +28,7 @@ class OnlineScriptArguments(ScriptArguments):
     reward_funcs: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "Reward functions: dotted paths to callables (e.g. trl_kto_ext.tiny.exact_answer_reward) or "
+            "help": "Reward functions: dotted paths to callables (e.g. trl_kto_ext.models.tiny.exact_answer_reward) or "
             "names/paths of sequence-classification reward models."
         },
     )
@@ -51,38 +42,28 @@ ONLINE_GROUP = (
     "reward_funcs reward_weights label_mode desirable_threshold num_generations max_completion_length temperature "
     "top_p top_k loss_aversion_window prompt_column tiny_train_prompts"
 )
-OTHER_GROUP = "all other options (transformers TrainingArguments, TRL KTOConfig)"
 
 
-def make_parser(prog: str | None = f"{PROG} online") -> _Parser:
+def make_parser(prog: str | None = f"{PROG} online") -> TrlParser:
     """TrlParser over (OnlineScriptArguments, OnlineKTOConfig, ModelConfig); --help lists the online options first."""
-    parser = _Parser(
-        (OnlineScriptArguments, OnlineKTOConfig, ModelConfig), prog=prog, usage=f"{prog} [--config FILE] [--OPTION VALUE ...]",
-        description=DESCRIPTION, allow_abbrev=False, formatter_class=HelpFormatter,
-    )  # fmt: skip
-    parser.add_argument("--help-all", "--help_all", action=HelpAllAction, help="Show every option and exit.")
-    parser.add_argument(
-        "--config", metavar="FILE", help="YAML file of `option: value` lines (any option below); flags override it."
-    )
-    parser.add_argument(
-        "--print-config", "--print_config", action="store_true", help="Print the resolved config as YAML and exit."
-    )
-    groups = {"online KTO": ONLINE_GROUP}
     online = set(ONLINE_GROUP.split())
-    for title, names in HELP_GROUPS.items():
-        kept = [n for n in names.split() if n not in online and n not in ("prompt_column",)]
-        if title == "data":
-            kept = [n for n in kept if n in {f.name for f in fields(OnlineScriptArguments)}]
-        groups[title] = " ".join(kept)
-    group_options(parser, groups, OTHER_GROUP, HELP_TEXTS, more=f"run `{PROG} online --help-all` to list them")
-    return parser
+    data = " ".join(f.name for f in fields(OnlineScriptArguments) if f.name not in online | {"ignore_bias_buffers"})
+    groups = {"online KTO": ONLINE_GROUP}
+    groups.update(
+        {
+            title: " ".join(n for n in names.split() if n not in online)
+            for title, names in help_groups(data, ModelConfig).items()
+        }
+    )
+    usage = f"{prog} [--config FILE] [--OPTION VALUE ...]"
+    return new_parser((OnlineScriptArguments, OnlineKTOConfig, ModelConfig), prog, usage, DESCRIPTION, groups)
 
 
 def load_prompt_dataset(script_args, seed: int):
     """(train prompts, tiny held-out (prompts, answers) or None); SystemExit with a one-line message."""
     name, split = script_args.dataset_name, script_args.dataset_train_split
     if name == TINY_DATASET:
-        from .tiny import heldout_prompts, make_prompt_dataset
+        from trl_kto_ext.models.tiny import heldout_prompts, make_prompt_dataset
 
         prompts = make_prompt_dataset(split="train")
         if script_args.tiny_train_prompts is not None:
@@ -90,7 +71,7 @@ def load_prompt_dataset(script_args, seed: int):
         return prompts, heldout_prompts()
     if not name:
         _fail(f"no dataset: set dataset_name (a data file or folder, a Hub id, or {TINY_DATASET}).")
-    from .data import load_raw_dataset
+    from trl_kto_ext.data.loading import load_raw_dataset
 
     column = script_args.prompt_column
     try:
@@ -106,11 +87,11 @@ def load_prompt_dataset(script_args, seed: int):
 
 def train(script_args, training_args, model_args, command: list[str] | None = None) -> str:
     """Run online KTO as configured; returns the output_dir. `command` (argv) is recorded in the model card."""
-    from .cli_run import run
-    from .online import OnlineKTOTrainer
+    from trl_kto_ext.cli.run import run
+    from trl_kto_ext.online.trainer import OnlineKTOTrainer
 
     if not script_args.reward_funcs:
-        _fail("no reward function: set reward_funcs (e.g. [trl_kto_ext.tiny.exact_answer_reward]).")
+        _fail("no reward function: set reward_funcs (e.g. [trl_kto_ext.models.tiny.exact_answer_reward]).")
     resolve_model_path(model_args.model_name_or_path, build_tiny=False)  # a wrong path fails before data loading
     prompts, heldout = load_prompt_dataset(script_args, training_args.seed)
     return run(
@@ -121,6 +102,7 @@ def train(script_args, training_args, model_args, command: list[str] | None = No
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    one_line_warnings()
     script_args, training_args, model_args, print_config = parse_args(argv, make_parser())
     if print_config:
         print(format_config(script_args, training_args, model_args), end="")

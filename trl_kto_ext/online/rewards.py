@@ -42,7 +42,7 @@ def _load_one(item, model_init_kwargs: dict[str, Any]):
         except ImportError as err:
             raise ValueError(
                 f"Cannot import the reward function {item!r}: {err}. Give a dotted path `package.module.function` "
-                "importable from the current environment (e.g. trl_kto_ext.tiny.exact_answer_reward)."
+                "importable from the current environment (e.g. trl_kto_ext.models.tiny.exact_answer_reward)."
             ) from err
         func = getattr(module, attr, None)
         if not callable(func):

@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset, Value
 
-from .labels import decode_labels
+from trl_kto_ext.data.labels import decode_labels
 
 
 def _plain(dataset: Dataset) -> Dataset:
@@ -87,13 +87,13 @@ def is_paired(columns) -> bool:
 def _extract_prompt(dataset: Dataset) -> Dataset:
     if "prompt" in dataset.column_names or not len(dataset) or not isinstance(_plain(dataset)[0]["chosen"], list):
         return dataset
-    from trl.data_utils import maybe_extract_prompt  # lazy: importing trl is slow
+    from trl import maybe_extract_prompt  # lazy: importing trl is slow
 
     return dataset.map(maybe_extract_prompt, desc="Extracting prompts")
 
 
 def _unpair_stream(dataset: IterableDataset) -> IterableDataset:
-    from trl.data_utils import maybe_extract_prompt
+    from trl import maybe_extract_prompt
 
     def interleave(batch: dict[str, list]) -> dict[str, list]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]

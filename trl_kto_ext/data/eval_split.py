@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from .data import count_labels
-from .unpairing import _check_dataset, _plain
+from trl_kto_ext.data.loading import count_labels
+from trl_kto_ext.data.unpairing import _check_dataset, _plain
 
 # Prompts held out at least by `train_eval_split` when the data has twice as many: eval KL rows pair within the set.
 MIN_EVAL_PROMPTS = 2

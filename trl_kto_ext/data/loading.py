@@ -15,11 +15,11 @@ import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict, Value
 
-from .labels import decode_labels, label_values
-from .labels import normalize_label as normalize_label  # re-exported: part of this module's public API
-from .messages import has_payload
-from .rows import row_ref
-from .unpairing import _check_dataset, _extract_prompt, _plain, is_paired, unpair_paired_dataset
+from trl_kto_ext.data.labels import decode_labels, label_values
+from trl_kto_ext.data.labels import normalize_label as normalize_label  # re-exported: part of this module's public API
+from trl_kto_ext.data.messages import has_payload
+from trl_kto_ext.data.rows import row_ref
+from trl_kto_ext.data.unpairing import _check_dataset, _extract_prompt, _plain, is_paired, unpair_paired_dataset
 
 logger = logging.getLogger(__name__)
 

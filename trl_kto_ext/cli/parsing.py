@@ -3,6 +3,7 @@ options (with the closest valid one), wrong types and invalid choices, each as o
 
 from __future__ import annotations
 
+from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import argparse
 import contextlib
 import difflib
@@ -12,9 +13,14 @@ import os
 import re
 import types
 import typing
+import warnings
+from dataclasses import fields
 from typing import Any
 
 import yaml
+from trl import TrlParser
+
+from trl_kto_ext.cli.help import HELP_TEXTS, OTHER_GROUP, GroupedHelpMixin, HelpAllAction, HelpFormatter, group_options
 
 PROG = "trl-kto-ext"
 BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what TRL's string_to_bool accepts
@@ -136,3 +142,100 @@ def check_flags(args: list[str], parser: argparse.ArgumentParser) -> None:
             close = difflib.get_close_matches(name[2:].replace("-", "_"), options, n=1, cutoff=0.6)
             hint = f" Did you mean `--{close[0]}`?" if close else f" Run `{PROG} --help` for the valid options."
             _fail(f"unknown option `{name}`.{hint}")
+
+
+class _Parser(GroupedHelpMixin, TrlParser):
+    def error(self, message):  # argparse would print the whole (very long) usage first
+        raise SystemExit(f"{PROG}: error: {message}\nRun `{PROG} --help` to list the options.")
+
+
+def new_parser(dataclass_types: tuple, prog: str | None, usage: str, description: str, groups: dict) -> TrlParser:
+    """A command's TrlParser over `dataclass_types`: --config, --print-config, --help by `groups`, --help-all."""
+    parser = _Parser(
+        dataclass_types,
+        prog=prog,
+        usage=usage,
+        description=description,
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--help-all", "--help_all", action=HelpAllAction, help="Show every option and exit.")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file of `option: value` lines (any option below); flags override it."
+    )
+    parser.add_argument(
+        "--print-config", "--print_config", action="store_true", help="Print the resolved config as YAML and exit."
+    )
+    group_options(parser, groups, OTHER_GROUP, HELP_TEXTS, more=f"run `{prog} --help-all` to list them")
+    return parser
+
+
+def parse_args(argv: list[str], parser: TrlParser) -> tuple[Any, ...]:
+    """(script_args, training_args, model_args, print_config), from `--config FILE` and flags like `trl kto`."""
+    args = list(argv)
+    i = next((i for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")), None)
+    if i is not None:
+        path = args.pop(i).partition("=")[2] or (args.pop(i) if i < len(args) else _fail("--config needs a file."))
+        config = load_yaml_config(path)
+        env = config.pop("env", {})
+        if not isinstance(env, dict):
+            _fail(f"`env` in {path} must be a mapping of environment variables.")
+        os.environ.update({str(k): str(v) for k, v in env.items()})
+        check_config(config, parser, path)
+        parser.set_defaults_with_config(**config)
+    check_flags(args, parser)
+    hardware_check = contextlib.nullcontext()
+    if {"--print-config", "--print_config"} & set(args):  # print a GPU config (bf16: true) on any machine
+        hardware_check = _bf16_reported_available()
+    try:
+        with hardware_check:
+            *dataclasses, extra = parser.parse_args_into_dataclasses(args=args)
+    except (ValueError, TypeError) as err:  # a dataclass __post_init__ check (e.g. loss_aversion_target range)
+        _fail(str(err))
+    return (*dataclasses, extra.print_config)
+
+
+@contextlib.contextmanager
+def _bf16_reported_available():
+    """transformers' bf16 hardware check answers True inside the block (for --print-config only: no model runs)."""
+    import transformers.training_args as training_args_module
+
+    saved = training_args_module.is_torch_bf16_gpu_available
+    training_args_module.is_torch_bf16_gpu_available = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        training_args_module.is_torch_bf16_gpu_available = saved
+
+
+def format_config(script_args, training_args, model_args) -> str:
+    """All dataclass values as one YAML mapping (usable again with --config), grouped by dataclass."""
+    parts = []
+    for args in (script_args, model_args, training_args):
+        values = args.to_dict() if hasattr(args, "to_dict") else {f.name: getattr(args, f.name) for f in fields(args)}
+        values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()}
+        parts.append(f"# --- {type(args).__name__} ---\n" + yaml.safe_dump(values, sort_keys=False))
+    return "\n".join(parts)
+
+
+# Keyword arguments of trl_kto_ext.data.loading that are also options of this command, as messages name them in Python.
+_KEYWORDS = re.compile(
+    r"(?<![\w-])((?:prompt|completion|label|chosen|rejected)_column|(?:un)?desirable_fraction|eval_fraction"
+    r"|max_length)(=\s?)?"
+)
+
+
+def as_flags(message: str) -> str:
+    """A message of the Python API in command-line words: `prompt_column=<x>` becomes `--prompt_column <x>`."""
+    message = _KEYWORDS.sub(lambda m: f"--{m.group(1)}" + (" " if m.group(2) else ""), message)
+    return re.sub(r"(?<![\w-])split=\s?", "--dataset_train_split / --dataset_test_split ", message)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line as one line each (no source file and line: users act on the message)."""
+    return f"{PROG}: {category.__name__}: {message}\n"
+
+
+def one_line_warnings() -> None:
+    """Python warnings printed as one line each from here on (the commands call it first)."""
+    warnings.formatwarning = _one_line_warning

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import is_peft_model
 
-from . import logps, shared_prompt
+from trl_kto_ext.logprobs import completion as logps
+from trl_kto_ext.logprobs import shared_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,10 @@ import json
 import os
 from typing import Any
 
-from .cli import TINY_MODEL, as_flags, format_config, get_kbit_device_map, resolve_model_path
-from .cli_config import _fail
-from .peft_utils import check_kbit_backend
+from trl_kto_ext.cli.parsing import _fail, as_flags, format_config
+from trl_kto_ext.data.pipeline import _looks_local
+from trl_kto_ext.models import TINY_MODEL
+from trl_kto_ext.training.peft_utils import check_kbit_backend
 
 
 def load_model_inputs(script_args, training_args, model_args):
@@ -66,8 +67,8 @@ def build_trainer(trainer_class, model_path, training_args, card_info: dict[str,
 def train_and_report(trainer, tokenizer, training_args, heldout, method: str = "KTO") -> str:
     """Trains, saves the model, tokenizer, state, model card and curves to output_dir, and prints the held-out
     accuracy before and after (tiny data) and where everything went. Returns the output_dir."""
-    from .plotting import plot_training
-    from .tiny import greedy_accuracy
+    from trl_kto_ext.models.tiny import greedy_accuracy
+    from trl_kto_ext.report.plotting import plot_training
 
     main_process = trainer.is_world_process_zero()
     if heldout is not None and main_process:
@@ -113,7 +114,7 @@ def threads_for(model_name: str | None):
 def _load_tokenizer(auto_tokenizer, model_path: str, hub_kwargs: dict[str, Any]):
     """The model's tokenizer, the first thing read from a Hub id: an unreachable Hub or a model missing from the
     offline cache stops here in one line instead of a long traceback (or ~30 s of retries)."""
-    from .data import _check_hub_reachable
+    from trl_kto_ext.data.loading import _check_hub_reachable
 
     if not os.path.exists(model_path):
         try:
@@ -137,3 +138,24 @@ def _load_tokenizer(auto_tokenizer, model_path: str, hub_kwargs: dict[str, Any])
         )
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         _fail(f"could not load the model {model_path!r}: {first_line} {fix}")
+
+
+def get_kbit_device_map() -> dict[str, int] | None:
+    """TRL's `get_kbit_device_map` (gone from TRL 1.x): the local process' GPU, or None without CUDA."""
+    import torch
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+
+
+def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:
+    """The local folder of `tiny` (built and cached on first use), an existing local path, or a Hub id unchanged."""
+    if not name:
+        _fail(f"no model: set model_name_or_path (a Hub id, a local folder, or {TINY_MODEL}).")
+    if name == TINY_MODEL and build_tiny:
+        from trl_kto_ext.models.tiny import build_tiny_default
+
+        return str(build_tiny_default().model_dir)
+    if _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        _fail(f"model path {name} does not exist. Give an existing local folder or a Hub id like 'org/model'.")
+    return os.path.expanduser(name) if _looks_local(name) else name

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import functools
 import inspect
 import types
@@ -16,8 +16,9 @@ from accelerate.utils import convert_to_fp32
 # TRL's fused LM head scores only the labelled positions on Triton devices and every position elsewhere (to keep tile
 # shapes fixed on Neuron). The kernel and its settings are TRL's; only the choice of rows differs, so these are read
 # from TRL rather than re-implemented.
-from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput, maybe_gather_lm_head_ctx
-from trl.trainer.utils import _ChunkedLogProbFunction as _LogProbKernel
+from trl_kto_ext.trl_internals import CHUNKED_LOGPROB_CHUNK_SIZE as _CHUNKED_LOGPROB_CHUNK_SIZE
+from trl_kto_ext.trl_internals import ChunkedLogProbFunction as _LogProbKernel
+from trl_kto_ext.trl_internals import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 try:  # FSDP2 exposes sharded parameters as DTensors
     from torch.distributed.tensor import DTensor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .logps import HeadSettings, score_positions
+from trl_kto_ext.logprobs.completion import HeadSettings, score_positions
 
 
 def right_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .rows import row_ref
+from trl_kto_ext.data.rows import row_ref
 
 _ROLES = {"system", "user", "assistant"}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import KTOExtConfig
-from .rewards import LABEL_MODES
+from trl_kto_ext.config import KTOExtConfig
+from trl_kto_ext.online.rewards import LABEL_MODES
 
 
 @dataclass

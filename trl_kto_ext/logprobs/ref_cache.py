@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-from .fast_path import TARGET_KEYS, fast_path
+from trl_kto_ext.logprobs.fast_path import TARGET_KEYS, fast_path
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Pieces of the CPU-sized reproduction of the KTO paper's claims (used by scripts/reproduce.py).
 
-Task: the embedded tiny addition model (`trl_kto_ext.tiny`). Feedback comes from the task itself: completions sampled
+Task: the embedded tiny addition model (`trl_kto_ext.models.tiny`). Feedback comes from the task itself: completions sampled
 from the base model for train-split prompts are labelled by checking the answer; DPO pairs (one right, one wrong
 completion of the same prompt) and KTO rows (the two rows of every pair, unpaired) hold the same completions.
 """
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from .data import subsample_class, unpair_paired_dataset
-from .reference import frozen_copy
-from .tiny import greedy_accuracy, heldout_prompts, is_correct, make_paired_dataset
+from trl_kto_ext.data.loading import subsample_class, unpair_paired_dataset
+from trl_kto_ext.logprobs.reference import frozen_copy
+from trl_kto_ext.models.tiny import greedy_accuracy, heldout_prompts, is_correct, make_paired_dataset
 
 # Arm name -> (model it starts from, training method, extra KTOExtConfig fields, desirable_fraction).
 ARMS: dict[str, tuple[str | None, str | None, dict[str, Any], float]] = {
@@ -190,8 +190,8 @@ def train_one(
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from .config import KTOExtConfig
-    from .trainer import KTOExtTrainer
+    from trl_kto_ext.config import KTOExtConfig
+    from trl_kto_ext.trainer import KTOExtTrainer
 
     n = int(cfg["completions_per_step"])  # every method sees this many completions per optimizer step
     lambdas = None

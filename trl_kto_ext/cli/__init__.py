@@ -1,0 +1,1 @@
+"""The `trl-kto-ext` command: `offline` (KTO on a dataset) and `online` commands over one shared run step."""
