@@ -9,7 +9,7 @@ mkdir -p "$OUT_DIR"
 export PYTHONPATH=. HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRL_KTO_EXT_REF_CACHE="$OUT_DIR/ref_cache"
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-timeout 150 python -m pytest -x -q tests/test_qlora.py tests/test_fast_path.py 2>&1 | tail -5
+timeout 150 python -m pytest -x -q tests/core/test_qlora.py tests/logprobs/test_fast_path.py 2>&1 | tail -5
 for shape in short chat; do
   timeout 150 python scripts/benchmark.py --model qwen2-0.5b --shape "$shape" --bf16 --gradient-checkpointing \
     --arms sft,trl_default,trl_precompute,ext_default,ext_cached --out "$OUT_DIR/bench_$shape.json" | tail -30

@@ -1,10 +1,20 @@
 """Shared fixtures: the embedded tiny default (built once, cached on disk) and a tiny random model."""
 
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+
+# Tests live in one folder per part of the package (core, data, logprobs, online, cli, report, models, project); a
+# test module may import the float64 references and builders of another, by module name, from any folder.
+sys.path[:0] = [
+    str(path)
+    for path in sorted(Path(__file__).parent.iterdir())
+    if (path / "__init__.py").exists() is False and path.is_dir() and path.name[0] not in "._"
+]
 
 # Two cores: keep each test process on them without oversubscription.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -16,7 +16,7 @@ from trl_kto_ext.models.tiny import exact_answer_reward, make_prompt_dataset
 from trl_kto_ext.online.rewards import label_rewards
 from trl_kto_ext.online.rolling_loss_aversion import RollingLossAversion
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["12+3=", "45+7=", "8+9=", "60+4=", "33+8=", "71+2="]
 
 

@@ -12,7 +12,7 @@ import yaml
 from trl_kto_ext.__main__ import main
 from trl_kto_ext.cli.run import resolve_model_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The trl-kto-ext configs (configs/ also holds inputs of other scripts, e.g. scripts/reproduce.py).
 CONFIGS = [
     ROOT / "configs" / f"{name}.yaml" for name in ("tiny-cpu", "qwen2.5-0.5b-lora", "llama3-8b-qlora", "paper-repro")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trl_kto_ext.cli.offline import make_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "default"}
 # Lines a start with nothing 4-bit in use must not print: bitsandbytes' CPU backend import, transformers'
 # deprecated-alias warning for TRL's gradient_checkpointing default, torch's pin_memory warning without a GPU.

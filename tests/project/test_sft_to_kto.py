@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASELINE = ROOT / "scripts" / "sft_baseline.py"
 KTO_SCRIPT = ROOT / "scripts" / "sft_to_kto.py"
 DIFF_DOC = ROOT / "docs" / "sft_diff.md"

@@ -26,7 +26,7 @@ def two_process_result(tmp_path_factory):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
     out = tmp_path_factory.mktemp("two_processes") / "result.json"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     command = ["torchrun", "--standalone", "--nproc_per_node", "2", str(Path(worker.__file__)), str(out)]

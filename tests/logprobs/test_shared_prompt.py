@@ -87,7 +87,7 @@ def test_an_empty_prompt_is_refused(small_model):
 
 def test_precompute_runs_each_prompt_once(small_model, tiny_tokenizer, tmp_path, caplog):
     """The precompute's backbone calls continue from a cache (the prompts ran once), no fallback is logged, and the
-    cached values are the unpadded float64 ones (tests/test_ref_cache.py checks them against the padded pass too)."""
+    cached values are the unpadded float64 ones (tests/logprobs/test_ref_cache.py checks them against the padded pass too)."""
     initial = copy.deepcopy(small_model).eval()
     calls = []
     small_model.model.register_forward_pre_hook(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 ARMS = ["sft", "trl_default", "trl_precompute", "ext_default", "ext_cached", "ext_fastest"]

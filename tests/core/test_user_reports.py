@@ -15,7 +15,7 @@ from trl_kto_ext.data.eval_split import train_eval_split
 from trl_kto_ext.data.loading import prepare_unpaired
 from trl_kto_ext.data.validation import check_tokenized
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
 
 
