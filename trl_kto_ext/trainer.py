@@ -146,6 +146,7 @@ class KTOExtTrainer(KTOTrainer):
             add_fused_lm_head(self._host_reference.model)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._evaluating = 0
+        step_metrics.check_best_metric(self)  # metric_for_best_model that a one-class eval set cannot report
         self.add_callback(_LossAversionReport(self))
         self.add_callback(guards.NonFiniteStreak(self))
 
@@ -332,12 +333,9 @@ class KTOExtTrainer(KTOTrainer):
 
     # --------------------------------------------------------------------------------------------------- metrics
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # An evaluation's metrics are already in its `logs`, under its own prefix (see `evaluation_loop`); every other
-        # call logs training, so the window's training metrics are added. TRL's `log` would average the row counts
-        # and tell the two apart by `model.training`: skip to transformers' own.
-        if not self._evaluating:
-            guards.correct_logged_loss(self, logs)  # steps skipped for a NaN/inf loss are not a loss of 0
-            logs.update(step_metrics.summarize(self, "train"))
+        # TRL's `log` averages per-batch means and tells training from evaluation by `model.training`: a training call
+        # adds its window's means over rows here (report/step_metrics.py), then transformers' own `log`.
+        step_metrics.add_train_window(self, logs)
         Trainer.log(self, logs, start_time)
 
     # ------------------------------------------------------------------------------------ evaluation and predict
@@ -346,17 +344,11 @@ class KTOExtTrainer(KTOTrainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        self._metrics["eval"].clear()  # nothing carried over from an interrupted pass
-        try:
-            with reference.reference_for_pass(self):
-                output = super().evaluation_loop(
-                    dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-                )
-            output.metrics.update(
-                {f"{metric_key_prefix}_{k}": v for k, v in step_metrics.summarize(self, "eval").items()}
+        with step_metrics.eval_pass(self), reference.reference_for_pass(self):
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
-        finally:
-            self._metrics["eval"].clear()
+            output.metrics.update(step_metrics.pass_metrics(self, metric_key_prefix))  # means over the pass's rows
         return output
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
