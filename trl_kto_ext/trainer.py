@@ -333,9 +333,7 @@ class KTOExtTrainer(KTOTrainer):
 
     # --------------------------------------------------------------------------------------------------- metrics
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # TRL's `log` averages per-batch means and tells training from evaluation by `model.training`: a training call
-        # adds its window's means over rows here (report/step_metrics.py), then transformers' own `log`.
-        step_metrics.add_train_window(self, logs)
+        step_metrics.add_train_window(self, logs)  # means over the window's rows; TRL's `log` averages batch means
         Trainer.log(self, logs, start_time)
 
     # ------------------------------------------------------------------------------------ evaluation and predict
@@ -388,6 +386,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
+        step_metrics.count_tokens(self)  # `num_tokens` saved below counts the steps not yet logged too
         resume.save_pairing_state(self, output_dir)  # the state before the first batch not yet trained on
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:

@@ -3,6 +3,7 @@ not means of per-batch means: checked against a float64 forward pass of each row
 learning rate 0) and a reference moved away from it, so every logged value has a known expected value."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -190,3 +191,16 @@ def test_best_metric_missing_from_a_streamed_one_class_eval_pass_is_a_clear_erro
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"'eval_stream_rewards/margins' is undefined here: this evaluation pass has"):
         trainer.train()
+
+
+def test_num_tokens_of_a_checkpoint_saved_between_two_logs(small_model, tiny_tokenizer, tmp_path):
+    trainer = fixed_trainer(
+        small_model, tiny_tokenizer, tmp_path, labelled([True, False] * 4), per_device_train_batch_size=2,
+        max_steps=4, logging_steps=4, save_strategy="steps", save_steps=2,
+    )  # fmt: skip
+    trainer.train()
+    lengths = [len(row["prompt_ids"]) + len(row["completion_ids"]) for row in trainer.train_dataset]
+    state = json.loads((tmp_path / "checkpoint-2" / "kl_pairing_state.json").read_text())
+    assert state["num_tokens"] == sum(lengths[:4])  # steps 1-2, not logged yet when the checkpoint was saved
+    (window,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert window["num_tokens"] == sum(lengths)

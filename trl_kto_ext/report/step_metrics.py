@@ -129,6 +129,19 @@ def summarize(trainer, mode: str) -> dict[str, float]:
     return metrics
 
 
+def count_tokens(trainer) -> None:
+    """Adds the tokens of the training window not yet logged to the cumulative `num_tokens` (reduced over processes),
+    so that a checkpoint saved between two logs holds every token trained on. Called on every process."""
+    totals = trainer._metrics["train"].get(_TOTALS)
+    attended = _COLUMNS.index("attended")
+    pending = totals[0][attended] if totals else torch.zeros((), device=trainer.accelerator.device)
+    if trainer.accelerator.num_processes > 1:
+        pending = trainer.accelerator.reduce(pending.clone(), reduction="sum")
+    trainer._total_train_tokens += int(pending.item()) // trainer._tp_size
+    if totals:
+        totals[0][attended] = 0.0
+
+
 def _row_means(s: dict[str, float]) -> dict[str, float]:
     n_chosen, n_rejected = s["n_chosen"], s["n_rejected"]
     if n_chosen == 0 and n_rejected == 0:
