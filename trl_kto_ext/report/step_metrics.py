@@ -89,10 +89,11 @@ def record(trainer, mode: str, batch, labels, logps, outputs, metrics) -> None:
         per_row = trainer.accelerator.gather_for_metrics(per_row)
     m = trainer._metrics[mode]
     totals = m[_TOTALS]
+    batch_sums = per_row.to(_total_dtype(per_row.device)).sum(0)
     if totals:
-        totals[0] += per_row.sum(0)
+        totals[0] += batch_sums
     else:
-        totals.append(per_row.sum(0))
+        totals.append(batch_sums)
     m["kl"].append(metrics.kl.item())
     if trainer.calculate_KL:
         m["kl_raw"].append(metrics.kl_raw.item())
@@ -113,7 +114,8 @@ def summarize(trainer, mode: str) -> dict[str, float]:
     }
     m.clear()
     if mode == "train" and trainer.accelerator.num_processes > 1:
-        local = totals[0] if totals else torch.zeros(len(_COLUMNS), device=trainer.accelerator.device)
+        device = trainer.accelerator.device
+        local = totals[0] if totals else torch.zeros(len(_COLUMNS), dtype=_total_dtype(device), device=device)
         totals = [trainer.accelerator.reduce(local, reduction="sum")]
     if totals:
         sums = dict(zip(_COLUMNS, totals[0].tolist()))
@@ -134,12 +136,18 @@ def count_tokens(trainer) -> None:
     so that a checkpoint saved between two logs holds every token trained on. Called on every process."""
     totals = trainer._metrics["train"].get(_TOTALS)
     attended = _COLUMNS.index("attended")
-    pending = totals[0][attended] if totals else torch.zeros((), device=trainer.accelerator.device)
+    device = trainer.accelerator.device
+    pending = totals[0][attended] if totals else torch.zeros((), dtype=_total_dtype(device), device=device)
     if trainer.accelerator.num_processes > 1:
         pending = trainer.accelerator.reduce(pending.clone(), reduction="sum")
     trainer._total_train_tokens += int(pending.item()) // trainer._tp_size
     if totals:
         totals[0][attended] = 0.0
+
+
+def _total_dtype(device: torch.device) -> torch.dtype:
+    # float64 where the device has it: token counts of a long window stay exact beyond float32's 2**24.
+    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
 
 
 def _row_means(s: dict[str, float]) -> dict[str, float]:
