@@ -101,7 +101,10 @@ def record(trainer, mode: str, batch, labels, logps, outputs, metrics) -> None:
 
 
 def summarize(trainer, mode: str) -> dict[str, float]:
-    """The metrics collected since the last summary of `mode`, which are then cleared (see the module docstring).
+    """The metrics collected since the last summary of `mode`, which are then cleared (see the module docstring):
+    `rewards/chosen` = sum of beta * r over the window's desirable rows / their number (`rewards/rejected` likewise
+    over its undesirable rows) and `rewards/margins` = `rewards/chosen` - `rewards/rejected`, present only when the
+    window holds both classes.
 
     Training: called on every process (as `Trainer.log` is), since the window's totals are reduced over processes here.
     """
@@ -211,9 +214,9 @@ def pass_metrics(trainer, prefix: str) -> dict[str, float]:
 def check_best_metric(trainer) -> None:
     """At start: `metric_for_best_model` names a metric its eval set cannot have (a map-style set of one class, after
     rows dropped for `max_length`) -> ValueError with the fix. Streamed eval sets are checked per pass."""
-    wanted = _best_metric_key(trainer.args)
-    sets = trainer.eval_dataset
-    if wanted is None or sets is None:
+    wanted, sets = _best_metric_key(trainer.args), trainer.eval_dataset
+    evaluates = str(getattr(trainer.args.eval_strategy, "value", trainer.args.eval_strategy)) != "no"
+    if wanted is None or sets is None or not evaluates:  # transformers reads it after the evaluations of training
         return
     for prefix, dataset in sets.items() if isinstance(sets, dict) else [(None, sets)]:
         prefix = "eval" if prefix is None else f"eval_{prefix}"
