@@ -132,6 +132,7 @@ class KTOExtTrainer(KTOTrainer):
             add_fused_lm_head(self._host_reference.model)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._evaluating = 0
+        step_metrics.check_best_metric(self)  # metric_for_best_model that a one-class eval set cannot report
         self.add_callback(StartReport(self))
         self.add_callback(guards.NonFiniteStreak(self))
 
@@ -318,12 +319,7 @@ class KTOExtTrainer(KTOTrainer):
 
     # --------------------------------------------------------------------------------------------------- metrics
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # An evaluation's metrics are already in its `logs`, under its own prefix (see `evaluation_loop`); every other
-        # call logs training, so the window's training metrics are added. TRL's `log` would average the row counts
-        # and tell the two apart by `model.training`: skip to transformers' own.
-        if not self._evaluating:
-            guards.correct_logged_loss(self, logs)  # steps skipped for a NaN/inf loss are not a loss of 0
-            logs.update(step_metrics.summarize(self, "train"))
+        step_metrics.add_train_window(self, logs)  # means over the window's rows; TRL's `log` averages batch means
         Trainer.log(self, logs, start_time)
 
     # ------------------------------------------------------------------------------------ evaluation and predict
@@ -332,17 +328,11 @@ class KTOExtTrainer(KTOTrainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        self._metrics["eval"].clear()  # nothing carried over from an interrupted pass
-        try:
-            with reference.reference_for_pass(self):
-                output = super().evaluation_loop(
-                    dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-                )
-            output.metrics.update(
-                {f"{metric_key_prefix}_{k}": v for k, v in step_metrics.summarize(self, "eval").items()}
+        with step_metrics.eval_pass(self), reference.reference_for_pass(self):
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
-        finally:
-            self._metrics["eval"].clear()
+            output.metrics.update(step_metrics.pass_metrics(self, metric_key_prefix))  # means over the pass's rows
         return output
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -382,6 +372,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
+        step_metrics.count_tokens(self)  # `num_tokens` saved below counts the steps not yet logged too
         resume.save_pairing_state(self, output_dir)  # the state before the first batch not yet trained on
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
