@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import contextlib
+import logging
 from collections import defaultdict
 from typing import Any, NamedTuple
 
@@ -21,7 +22,7 @@ from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
 from trl_kto_ext.logprobs.reference import HostReference, frozen_copy
 from trl_kto_ext.loss import apo_zero_unpaired_loss, kto_loss
 from trl_kto_ext.loss_aversion import LossAversion, loss_aversion_for
-from trl_kto_ext.pairing import add_dataset_kl_pairing
+from trl_kto_ext.pairing import SINGLE_PROMPT_NOTE, add_dataset_kl_pairing, single_prompt
 from trl_kto_ext.report import step_metrics
 from trl_kto_ext.report.start import StartReport
 from trl_kto_ext.training import guards, resume
@@ -35,6 +36,7 @@ from trl_kto_ext.training.scoped import (
 from trl_kto_ext.trl_internals import add_fused_lm_head, prepare_deepspeed, use_adapter
 from trl_kto_ext.vision import vision_collator, with_decoded_labels
 
+logger = logging.getLogger(__name__)
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
     "completion_mask",
@@ -158,6 +160,9 @@ class KTOExtTrainer(KTOTrainer):
         )
         if dataset_name == "train":
             self._set_loss_aversion(dataset, args)  # counted over the rows kept: none of those dropped above
+        if dataset_name == "train" and self._uses_kl and single_prompt(dataset):
+            logger.warning(SINGLE_PROMPT_NOTE)  # no mismatched pair: z0 = 0 rather than a row paired with itself
+            self._uses_kl = False
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
             dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
         return dataset
@@ -199,8 +204,8 @@ class KTOExtTrainer(KTOTrainer):
         logps = SequenceLogps(
             policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
             reference=reference,
-            kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else None,
-            kl_reference=kl_reference,
+            kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else reference[:0],
+            kl_reference=kl_reference if self.calculate_KL else reference[:0],  # no KL rows: z0 = 0
         )
         if self.loss_type == "apo_zero_unpaired":
             result = apo_zero_unpaired_loss(
