@@ -24,7 +24,7 @@ from trl_kto_ext.loss_aversion import LossAversion, loss_aversion_for
 from trl_kto_ext.pairing import add_dataset_kl_pairing
 from trl_kto_ext.report import step_metrics
 from trl_kto_ext.training import guards, resume
-from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend
+from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend, keep_4bit_layers_differentiable
 from trl_kto_ext.training.scoped import (
     activation_checkpointing_off,
     attribute,
@@ -108,6 +108,7 @@ class KTOExtTrainer(KTOTrainer):
         with loss_type_during_setup(args, "apo_zero_unpaired"):
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         validation.check_sharding(args, self.is_fsdp_enabled)  # FSDP asked for but not set up: stop, not plain DDP
+        keep_4bit_layers_differentiable(self.model)  # bitsandbytes' CPU eval repacking would cut the gradient
         self.loss_type = args.loss_type
         self.calculate_KL = self._uses_kl
         if user_collator is None and self._is_vision_dataset:
@@ -183,6 +184,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         reference.check_reference_available(self, f"the reference log-probs of the {name!r} dataset")
+        keep_4bit_layers_differentiable(self.model)  # TRL precomputes during its set-up, in eval mode
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
         # Otherwise only the targets' are: the KL rows change with every batch, so theirs are computed per step.
         cache_kl = self._uses_kl and "KL_completion_ids" in dataset.column_names
