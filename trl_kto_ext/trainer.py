@@ -14,7 +14,7 @@ from trl import KTOConfig, KTOTrainer
 
 from trl_kto_ext.collator import KTOExtCollator, keep_kl_rows
 from trl_kto_ext.config import as_ext_config
-from trl_kto_ext.data import sampling, validation
+from trl_kto_ext.data import sampling, special_tokens, validation
 from trl_kto_ext.data.unpairing import as_unpaired
 from trl_kto_ext.logprobs import ref_cache, reference
 from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
@@ -23,7 +23,7 @@ from trl_kto_ext.loss import apo_zero_unpaired_loss, kto_loss
 from trl_kto_ext.loss_aversion import LossAversion, loss_aversion_for
 from trl_kto_ext.pairing import add_dataset_kl_pairing
 from trl_kto_ext.report import step_metrics
-from trl_kto_ext.training import guards, resume
+from trl_kto_ext.training import guards, options, resume
 from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend, keep_4bit_layers_differentiable
 from trl_kto_ext.training.scoped import (
     activation_checkpointing_off,
@@ -90,6 +90,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
         args = as_ext_config(args, model)
+        options.check_trainer(model, args, kwargs)  # options needing an accelerator, a package, a model feature
         if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
             check_kbit_backend(args.device.type)  # a clear message before any weights are loaded
         self._vocab_rows = validation.check_before_setup(model, args, kwargs)  # empty train set, pad token
@@ -156,12 +157,15 @@ class KTOExtTrainer(KTOTrainer):
         # Labels read by meaning (a ClassLabel by its names) and pairs unpaired side by side, by the conversion that
         # prepare_unpaired and the CLI use; TRL's own unpairing would put every chosen row before every rejected one.
         dataset = as_unpaired(dataset)
+        conversational = special_tokens.is_conversational_dataset(dataset)
+        special_tokens.check_can_end_completions(self._tokenizer, conversational, dataset_name)
         # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids` (its rotation
         # within fixed blocks needs the sequential sampler). Rows whose prompt fills max_length are dropped by
         # `check_tokenized`, which logs how many (TRL drops them silently).
         # TRL's own weight advice repeats ours with other bounds (ours: loss_aversion.resolve_loss_aversion): dropped.
         with attribute(self, "calculate_KL", False), attribute(args, "max_length", None), without_trl_weight_advice():
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        dataset = special_tokens.fix_special_tokens(dataset, self._tokenizer, conversational, dataset_name)
         dataset = validation.check_tokenized(
             dataset,
             args.max_length,
