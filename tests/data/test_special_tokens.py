@@ -101,6 +101,8 @@ def test_prompt_that_starts_with_the_bos_text_keeps_one_bos(tiny_tokenizer, tmp_
         "train dataset: prompts that already start with the BOS text '<s>' get a second BOS from the tokenizer: one "
         "dropped (1 of 2 rows)."
     ]
+    # an online prompt likewise
+    assert text_prompt_ids(tiny_tokenizer, tiny_tokenizer("<s>7+8=")["input_ids"]) == [BOS, *ids("7+8=")]
 
 
 def test_tokenizer_without_eos(tmp_path):
@@ -157,3 +159,22 @@ def test_eos_text_that_is_not_the_eos_token_stops_the_run(tmp_path):
                        r"'D', not with the EOS token 'END' \(id 3\) \(2 rows end so: 0, 1\).*Set `tokenizer.eos_token` "
                        r"to a token of the tokenizer's vocabulary"):  # fmt: skip
         tokenized_rows(tokenizer, TEXT, tmp_path)
+
+
+@pytest.mark.parametrize("shape", ["appends_eos", "without_eos"])
+def test_online_prompts_and_samples(tiny_default, tmp_path, shape):
+    """Online KTO tokenizes prompts itself: with an EOS-appending tokenizer the prompt does not end with EOS (the
+    model would be asked to continue after the end of a text); without an EOS token sampling still runs, to
+    `max_completion_length`. Every sampled completion holds at most one EOS, at its end."""
+    from test_online import make_trainer, prompt_rows
+
+    tokenizer = getattr(shapes, shape)()
+    trainer = make_trainer(tiny_default, tmp_path)
+    trainer.processing_class = trainer._tokenizer = tokenizer
+    examples = trainer.sample(prompt_rows(2))
+    for example in examples:
+        assert example["prompt_ids"] == [BOS, *ids(example["prompt"])]
+        completion = example["completion_ids"]
+        assert EOS not in completion[:-1]
+        if shape == "without_eos":
+            assert len(completion) == trainer.args.max_completion_length or completion[-1:] == [EOS]

@@ -119,13 +119,19 @@ def fix_special_tokens(dataset, tokenizer, conversational: bool, name: str):
 
 
 def text_prompt_ids(tokenizer, prompt_ids: list[int]) -> list[int]:
-    """A tokenized plain-text prompt without the tokens the tokenizer appends after a text (an EOS from
-    `add_eos_token=True` would end the prompt before generation starts)."""
+    """A tokenized plain-text prompt (online sampling) as `fix_special_tokens` leaves a dataset's: without the tokens
+    the tokenizer appends after a text (an EOS from `add_eos_token=True` would end the prompt before generation
+    starts), and with one BOS where the prompt text already started with the BOS text."""
+    ids = list(prompt_ids)
     added = added_tokens(tokenizer)
-    after = list(added.after) if added is not None else []
-    if after and len(prompt_ids) > len(after) and list(prompt_ids[-len(after) :]) == after:
-        return list(prompt_ids[: -len(after)])
-    return list(prompt_ids)
+    if added is None:
+        return ids
+    after, bos = list(added.after), tokenizer.bos_token_id
+    if after and len(ids) > len(after) and ids[-len(after) :] == after:
+        ids = ids[: -len(after)]
+    if bos is not None and added.before[-1:] == [bos] and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    return ids
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
