@@ -19,6 +19,7 @@ token (a template that never ends the assistant turn) is said once.
 
 from __future__ import annotations
 
+from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import logging
 from typing import NamedTuple
 
