@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from trl import KTOConfig
 
 from trl_kto_ext.data.sampling import STRATEGIES
+from trl_kto_ext.training import options
 
 # Eq. (8) of the KTO paper (arXiv 2402.01306): lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3].
 LOSS_AVERSION_RANGE = (1.0, 4.0 / 3.0)
@@ -192,6 +193,7 @@ class KTOExtConfig(KTOConfig):
             # without a bf16 GPU unless `use_cpu` is given. Unset here means: bf16 where the hardware has it.
             self.bf16 = bool(self.use_cpu) or _bf16_accelerator_available()
             self.bf16_from_default = self.bf16  # said once when training starts (the trainer's start report)
+        options.check_config(self)  # options transformers' own set-up below would fail on with a deep traceback
         super().__post_init__()
         if self.loss_aversion not in ("auto", "manual"):
             raise ValueError(
