@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -85,19 +86,18 @@ def test_evaluate_on_one_prompt_pairs_kl_rows_with_training_prompts(small_model,
         assert completion in train_rows and train_rows[completion] != eval_prompt  # written for another prompt
 
 
-def test_no_other_prompt_anywhere_names_the_sets(small_model, tiny_tokenizer, tmp_path):
+def test_no_other_prompt_anywhere_evaluates_with_z0_zero(small_model, tiny_tokenizer, tmp_path, caplog):
+    # One prompt in the training set and in the evaluation set: no mismatched pair exists anywhere, so the run (its
+    # evaluation too) has no z0 to estimate; it says so once and uses z0 = 0 rather than failing at the first eval.
     rows = _pairs(1)
-    trainer = KTOExtTrainer(
-        small_model, args=cpu_args(tmp_path), train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer
-    )
-    with pytest.raises(ValueError) as err:
-        trainer.evaluate(Dataset.from_list(rows))
-    assert str(err.value) == (
-        "Cannot build a KL row: every row of the evaluation set and the training set has the same prompt. KTO "
-        "estimates its reference point from (prompt, completion) pairs with mismatched prompts, so the data needs at "
-        "least two distinct prompts: add rows with other prompts to the evaluation set (with the command line, a "
-        "larger eval_fraction holds out more prompts)."
-    )
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.trainer"):
+        trainer = KTOExtTrainer(
+            small_model, args=cpu_args(tmp_path), train_dataset=Dataset.from_list(rows),
+            processing_class=tiny_tokenizer,
+        )  # fmt: skip
+    assert caplog.text.count("Every training row has the same prompt") == 1
+    metrics = trainer.evaluate(Dataset.from_list(rows))
+    assert metrics["eval_kl"] == 0.0 and math.isfinite(metrics["eval_loss"])
 
 
 def _tokenized(prompt_len: int, completion_len: int) -> Dataset:
