@@ -104,9 +104,11 @@ def _quickstart_figures(text: str) -> dict[str, float]:
 def check_quickstart_output(stdout: str) -> None:
     """The quickstart visibly learns, and prints what the README says it prints (to run-to-run noise)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    shown = _quickstart_figures(re.search(r"^It prints.*?\n```\n(.*?)^```", text, re.S | re.M).group(1))
-    printed = _quickstart_figures(stdout)
+    block = re.search(r"^It prints.*?\n```\n(.*?)^```", text, re.S | re.M).group(1)
+    shown, printed = _quickstart_figures(block), _quickstart_figures(stdout)
     assert len(shown) == 12 and shown.keys() == printed.keys(), (shown, printed)
+    for line in block.splitlines():  # the other lines (λ, max_length) exactly as shown
+        assert QUICKSTART_LINE.match(line) or line in stdout.splitlines(), f"the quickstart did not print {line!r}"
     # What a reader should see change: accuracy up, loss below 0.5, the reward margin grown.
     assert printed["after"] >= printed["before"] + 0.15, printed
     assert printed["loss 50"] <= 0.495 and printed["margin 50"] >= 0.05, printed
