@@ -15,7 +15,10 @@ from trl import KTOConfig, KTOTrainer
 from trl_kto_ext.collator import KTOExtCollator, keep_kl_rows
 from trl_kto_ext.config import as_ext_config
 from trl_kto_ext.data import sampling, validation
+from trl_kto_ext.data.scores import labels_from_scores
+from trl_kto_ext.data.truncation import keep_end
 from trl_kto_ext.data.unpairing import as_unpaired
+from trl_kto_ext.data.weights import WEIGHT, batch_weight_total
 from trl_kto_ext.logprobs import ref_cache, reference
 from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
 from trl_kto_ext.logprobs.reference import HostReference, frozen_copy
@@ -45,6 +48,7 @@ _NON_MODEL_KEYS = {
     "label",
     "ref_logps",
     "ref_KL_logps",
+    "weight",
 }
 
 
@@ -151,6 +155,7 @@ class KTOExtTrainer(KTOTrainer):
 
     # ----------------------------------------------------------------------------------------------- data set-up
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = labels_from_scores(dataset, args, dataset_name)  # a `score` column, no label: online KTO's rule
         validation.check_dataset(dataset, processing_class, dataset_name)
         # Labels read by meaning (a ClassLabel by its names) and pairs unpaired side by side, by the conversion that
         # prepare_unpaired and the CLI use; TRL's own unpairing would put every chosen row before every rejected one.
@@ -161,6 +166,8 @@ class KTOExtTrainer(KTOTrainer):
         # TRL's own weight advice repeats ours with other bounds (ours: loss_aversion.resolve_loss_aversion): dropped.
         with attribute(self, "calculate_KL", False), attribute(args, "max_length", None), without_trl_weight_advice():
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if args.truncation_mode == "keep_end":  # long prompts lose their start, not the completion
+            dataset = keep_end(dataset, args.max_length, processing_class, dataset_name)
         dataset = validation.check_tokenized(
             dataset,
             args.max_length,
@@ -174,6 +181,10 @@ class KTOExtTrainer(KTOTrainer):
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
             dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
         return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()  # TRL's KTO columns; the per-row weight reaches the collator too
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, WEIGHT]))
 
     def _get_train_sampler(self, train_dataset=None):
         # transformers infers lengths for group_by_length / batch_rebalance from `input_ids` (absent from KTO rows)
@@ -215,10 +226,12 @@ class KTOExtTrainer(KTOTrainer):
             kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else None,
             kl_reference=kl_reference,
         )
+        weighting = {"weights": batch.get(WEIGHT), "weight_total": batch_weight_total(self, batch.get(WEIGHT))}
         if self.loss_type == "apo_zero_unpaired":
             result = apo_zero_unpaired_loss(
-                logps.policy, logps.reference, labels, self.beta, self.desirable_weight, self.undesirable_weight
-            )
+                logps.policy, logps.reference, labels, self.beta, self.desirable_weight, self.undesirable_weight,
+                **weighting,
+            )  # fmt: skip
         else:
             result = kto_loss(
                 logps.policy,
@@ -230,6 +243,7 @@ class KTOExtTrainer(KTOTrainer):
                 desirable_weight=self.desirable_weight,
                 undesirable_weight=self.undesirable_weight,
                 reference_point=self._global_reference_point(logps.kl_policy - logps.kl_reference),
+                **weighting,
             )
         loss = result.loss
         if self.aux_loss_enabled:

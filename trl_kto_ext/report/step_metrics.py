@@ -36,11 +36,12 @@ def record(trainer, mode: str, batch, labels, logps, outputs, metrics) -> None:
             (token_logits.sum(-1) * rejected).sum(),
             (mask.sum(-1) * rejected).sum(),
             batch["attention_mask"].sum().float(),
+            *_weight_sums(batch, chosen, rejected),
         ]
     )
     sums = trainer.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
     n_chosen, n_rejected, r_chosen, r_rejected, lp_chosen, lp_rejected = sums[:6]
-    entropy_sum, tokens, logit_chosen, tok_chosen, logit_rejected, tok_rejected, attended = sums[6:]
+    entropy_sum, tokens, logit_chosen, tok_chosen, logit_rejected, tok_rejected, attended = sums[6:13]
     m = trainer._metrics[mode]
     m["kl"].append(metrics.kl.item())
     if trainer.calculate_KL:
@@ -59,6 +60,11 @@ def record(trainer, mode: str, batch, labels, logps, outputs, metrics) -> None:
         m["logps/rejected"].append(lp_rejected / n_rejected)
     if n_chosen > 0 and n_rejected > 0:
         m["rewards/margins"].append(r_chosen / n_chosen - r_rejected / n_rejected)
+    if "weight" in batch:  # the per-row weights' mean per class (rows of the class in this step)
+        if n_chosen > 0:
+            m["weight/desirable_mean"].append(sums[13] / n_chosen)
+        if n_rejected > 0:
+            m["weight/undesirable_mean"].append(sums[14] / n_rejected)
     if tok_chosen > 0:
         m["logits/chosen"].append(logit_chosen / tok_chosen)
     if tok_rejected > 0:
@@ -66,6 +72,15 @@ def record(trainer, mode: str, batch, labels, logps, outputs, metrics) -> None:
     if mode == "train":
         trainer._total_train_tokens += int(attended) // trainer._tp_size
     m["num_tokens"] = [trainer._total_train_tokens]
+
+
+def _weight_sums(batch, chosen, rejected) -> list:
+    """The summed per-row weight of each class ([] without a `weight` key: every process sees the same keys)."""
+    weight = batch.get("weight")
+    if weight is None:
+        return []
+    weight = weight.float().to(chosen.device)
+    return [(weight * chosen).sum(), (weight * rejected).sum()]
 
 
 def summarize(trainer, mode: str) -> dict[str, float]:
