@@ -154,7 +154,8 @@ def labels_from_scores(dataset, args, name: str = "train", report=None):
         new = [d * float(w) for d, w in zip(distances, old)]
         dataset = (dataset.remove_columns("weight") if "weight" in order else dataset).add_column("weight", new)
         weighted = ", each row weighted by its distance from the " + ("threshold" if mode == "threshold" else "mean")
-    dataset = dataset.select_columns([*order, *(c for c in ("label", "weight") if c not in order)])
+    added = [c for c in ("label", "weight") if c not in order and c in dataset.column_names]
+    dataset = dataset.select_columns([*order, *added])
     if n_left_out:
         dataset = dataset.select(kept)
     why = " (prompts whose completions all have the same score)" if mode == "relative" else ""
