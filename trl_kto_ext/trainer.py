@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from trl import KTOConfig, KTOTrainer
 
 from trl_kto_ext.collator import KTOExtCollator, keep_kl_rows
@@ -26,6 +26,7 @@ from trl_kto_ext.loss import apo_zero_unpaired_loss, kto_loss
 from trl_kto_ext.loss_aversion import LossAversion, loss_aversion_for
 from trl_kto_ext.pairing import add_dataset_kl_pairing
 from trl_kto_ext.report import step_metrics
+from trl_kto_ext.report.start import StartReport
 from trl_kto_ext.training import guards, resume
 from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend
 from trl_kto_ext.training.scoped import (
@@ -59,21 +60,6 @@ class SequenceLogps(NamedTuple):
     reference: torch.Tensor
     kl_policy: torch.Tensor
     kl_reference: torch.Tensor
-
-
-class _LossAversionReport(TrainerCallback):
-    """Prints lambda_D, lambda_U and their ratio once, when training starts (and bf16 when it was left unset)."""
-
-    def __init__(self, trainer: KTOExtTrainer):
-        self._trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self._trainer.loss_aversion is not None:
-            print(self._trainer.loss_aversion.describe(), flush=True)
-        if state.is_world_process_zero and args.bf16 and getattr(args, "bf16_from_default", False):
-            slower = " (most CPUs only emulate bf16: float32 trains faster there)" if args.device.type == "cpu" else ""
-            print("bf16 left unset: training in bf16 mixed precision (the default on bf16 GPUs and with use_cpu=True); "
-                  f"pass bf16=False for float32{slower}.")  # fmt: skip
 
 
 class KTOExtTrainer(KTOTrainer):
@@ -150,7 +136,7 @@ class KTOExtTrainer(KTOTrainer):
             add_fused_lm_head(self._host_reference.model)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._evaluating = 0
-        self.add_callback(_LossAversionReport(self))
+        self.add_callback(StartReport(self))
         self.add_callback(guards.NonFiniteStreak(self))
 
     # ----------------------------------------------------------------------------------------------- data set-up
