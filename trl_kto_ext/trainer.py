@@ -19,7 +19,7 @@ from trl_kto_ext.data.scores import labels_from_scores
 from trl_kto_ext.data.truncation import keep_end
 from trl_kto_ext.data.unpairing import as_unpaired
 from trl_kto_ext.data.weights import WEIGHT, batch_weight_total
-from trl_kto_ext.logprobs import ref_cache, reference
+from trl_kto_ext.logprobs import humanline, ref_cache, reference
 from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
 from trl_kto_ext.logprobs.reference import HostReference, frozen_copy
 from trl_kto_ext.loss import apo_zero_unpaired_loss, kto_loss
@@ -205,32 +205,23 @@ class KTOExtTrainer(KTOTrainer):
         if self.calculate_KL and self.args.kl_subset_size is not None:
             batch = keep_kl_rows(batch, self.args.kl_subset_size)
         outputs = self._policy_forward(model, batch)
-        reference, kl_reference = self._reference_logps(batch)
-        logps = SequenceLogps(
-            policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
-            reference=reference,
-            kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else None,
-            kl_reference=kl_reference,
-        )
+        if self.args.humanline:  # per-token log-ratios clamped to [epsilon_P, epsilon_R] (arXiv 2509.24207)
+            logps = SequenceLogps(*humanline.clamped_logps(self, model, batch, outputs))
+        else:
+            reference, kl_reference = self._reference_logps(batch)
+            logps = SequenceLogps(
+                policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
+                reference=reference,
+                kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else None,
+                kl_reference=kl_reference,
+            )
+        lambdas = (self.beta, self.desirable_weight, self.undesirable_weight)
         weighting = {"weights": batch.get(WEIGHT), "weight_total": batch_weight_total(self, batch.get(WEIGHT))}
         if self.loss_type == "apo_zero_unpaired":
-            result = apo_zero_unpaired_loss(
-                logps.policy, logps.reference, labels, self.beta, self.desirable_weight, self.undesirable_weight,
-                **weighting,
-            )  # fmt: skip
-        else:
-            result = kto_loss(
-                logps.policy,
-                logps.reference,
-                logps.kl_policy,
-                logps.kl_reference,
-                labels,
-                beta=self.beta,
-                desirable_weight=self.desirable_weight,
-                undesirable_weight=self.undesirable_weight,
-                reference_point=self._global_reference_point(logps.kl_policy - logps.kl_reference),
-                **weighting,
-            )
+            result = apo_zero_unpaired_loss(logps.policy, logps.reference, labels, *lambdas, **weighting)
+        else:  # z0: the KL log-ratios' mean over the KL rows of all processes
+            z0 = self._global_reference_point(logps.kl_policy - logps.kl_reference)
+            result = kto_loss(*logps, labels, *lambdas, reference_point=z0, **weighting)
         loss = result.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss

@@ -21,6 +21,7 @@ from trl_kto_ext.data.messages import check_rendered, structure_problem
 from trl_kto_ext.data.rows import more_rows as _more_rows
 from trl_kto_ext.data.rows import row_ref
 from trl_kto_ext.data.weights import WEIGHT, check_weights
+from trl_kto_ext.logprobs.humanline import check_setup as check_reference_sync
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def check_before_setup(model, args, trainer_kwargs: dict[str, Any]) -> int | Non
     """Checks run before TRL's set-up touches the data; returns the model's number of input embedding rows."""
     if trainer_kwargs.get("train_dataset") is not None:
         check_not_empty(trainer_kwargs["train_dataset"], "train")
+    check_reference_sync(model, args, trainer_kwargs.get("peft_config"))  # humanline / sync_ref_model with LoRA
     ensure_pad_token(trainer_kwargs.get("processing_class"))
     return embedding_rows(model, args)
 
