@@ -11,7 +11,7 @@ from datasets import Dataset, IterableDataset
 
 from trl_kto_ext.config import LOSS_AVERSION_RANGE
 from trl_kto_ext.data.labels import label_values
-from trl_kto_ext.data.weights import WEIGHT, class_masses
+from trl_kto_ext.data.weights import WEIGHT, check_weights, class_masses
 
 
 class LossAversion(NamedTuple):
@@ -121,7 +121,10 @@ def weight_masses(dataset) -> tuple[float, float] | None:
         return None
     weights = list(dataset.with_format(None)[WEIGHT])
     if "label" in dataset.column_names:
-        return class_masses(weights, label_values(dataset))
+        labels = label_values(dataset)
+        check_weights(weights, "train", labels)  # also reached by vision rows, which TRL does not prepare
+        return class_masses(weights, labels)
+    check_weights(weights, "train")
     total = math.fsum(float(w) for w in weights)  # paired: each pair gives one row of each class
     return total, total
 

@@ -164,3 +164,13 @@ def test_command_line_weight_and_score_columns(tiny_default, tmp_path, capsys):
     assert "weighted class mass" in printed
     card = (tmp_path / "run" / "README.md").read_text()
     assert "label_mode='relative'" in card and "weighted class mass" in card
+
+
+def test_online_config_refuses_offline_only_settings(tmp_path):
+    from trl_kto_ext import OnlineKTOConfig
+
+    base = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8, num_generations=4)
+    with pytest.raises(ValueError, match="score_weighting and truncation_mode apply to offline datasets"):
+        OnlineKTOConfig(**base, score_weighting="distance")
+    with pytest.raises(ValueError, match="score_weighting and truncation_mode apply to offline datasets"):
+        OnlineKTOConfig(**base, truncation_mode="keep_end")

@@ -121,6 +121,7 @@ def test_trainer_keeps_long_conversations_and_says_how_many(tmp_path, small_mode
     assert ids[:n][-len(full["completion_ids"]) :] == full["completion_ids"]  # the completion whole, at the end
     assert sum(completion) == len(full["completion_ids"])
     kept.train()
+    assert "Truncation: `keep_end`" in open(kept.create_model_card()).read()
     dropped = KTOExtTrainer(model=small_model, args=cpu_args(tmp_path, max_length=max_length, max_steps=1),
                             train_dataset=data, processing_class=tokenizer)  # fmt: skip
     assert len(dropped.train_dataset) == 4  # keep_start (the default) drops them, as before
