@@ -166,3 +166,20 @@ def test_card_and_command_line(humanline_trainer):
     _, training_args, _, _ = parse_args(argv, make_parser())
     assert training_args.humanline and training_args.humanline_log_epsilon_R == 2.0
     assert training_args.sync_ref_model and training_args.ref_model_sync_steps == 1
+
+
+def test_compare_script_quick(tiny_default, tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "humanline_compare.py"
+    spec = importlib.util.spec_from_file_location("humanline_compare", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--quick", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "humanline.json").read_text())
+    assert set(summary["table"]) == {"offline_kto", "humanline", "online_kto"}
+    humanline_runs = [r for r in summary["runs"] if r["method"] == "humanline"]
+    assert humanline_runs and all(0.0 <= r["unclamped_mean"] <= 1.0 for r in humanline_runs)
+    assert summary["table"]["humanline"]["sync"] == 1
