@@ -12,9 +12,7 @@ from trl_kto_ext.models import TINY_DATASET, TINY_MODEL
 # --help shows these groups, in this order ([`help_groups`]); every other option is listed by --help-all only.
 KTO_OPTIONS = (
     "beta loss_aversion loss_aversion_target desirable_weight undesirable_weight kl_pairing kl_pairing_seed "
-    "kl_subset_size loss_type max_length truncation_mode precompute_ref_log_probs on_nonfinite_loss "
-    "train_sampling_strategy label_mode desirable_threshold score_weighting humanline humanline_log_epsilon_P "
-    "humanline_log_epsilon_R sync_ref_model ref_model_sync_steps ref_model_mixup_alpha"
+    "kl_subset_size loss_type max_length precompute_ref_log_probs on_nonfinite_loss train_sampling_strategy"
 )
 TRAINING_OPTIONS = (
     "output_dir max_steps num_train_epochs learning_rate lr_scheduler_type warmup_steps "
