@@ -19,6 +19,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest.cpu_a
 
 ROWS = 8
 SPLIT = 5  # rank 0 gets rows [0, 5), rank 1 rows [5, 8)
+BETA = 0.5
+EVAL_ROWS, EVAL_BATCH = 10, 3  # per process: global batches of 6, the last one 4 rows + 2 repeated
+
+
+def make_eval_set():
+    from trl_kto_ext.models.tiny import make_kto_dataset
+
+    return make_kto_dataset(EVAL_ROWS, seed=13, split="heldout")
+
+
+@torch.no_grad()
+def row_logps64(model, rows):
+    """log pi(y|x) of each tokenized row, summed over its completion tokens: one unpadded float64 forward per row."""
+    import copy
+
+    model64 = copy.deepcopy(model).double().eval()
+    out = []
+    for row in rows:
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        per_token = model64(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        out.append(per_token[len(row["prompt_ids"]) - 1 :].sum().item())
+    return out
 
 
 def build_trainer(output_dir, **overrides):
@@ -29,7 +51,7 @@ def build_trainer(output_dir, **overrides):
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    args = cpu_args(output_dir, per_device_train_batch_size=4, max_steps=2, beta=0.5, **overrides)
+    args = cpu_args(output_dir, per_device_train_batch_size=4, max_steps=2, beta=BETA, **overrides)
     # 30 rows, 9 desirable: lambda_D = 21 / 9 from the counts of the whole set, on every process.
     dataset = make_kto_dataset(30, seed=12, desirable_ratio=0.3)
     trainer = KTOExtTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -84,14 +106,18 @@ def weighted_loss(trainer, examples, weights):
 def main(out_path):
     import torch.distributed as dist
 
+    from trl_kto_ext.report import step_metrics
+
     torch.set_num_threads(1)  # two processes on two cores
     trainer = build_trainer(os.path.join(os.path.dirname(out_path), "run"))
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
     examples = fixed_examples(trainer)
     mine = examples[:SPLIT] if rank == 0 else examples[SPLIT:]
     loss, z0 = loss_and_z0(trainer, mine)
+    window = step_metrics.summarize(trainer, "train")  # this process's rows and the other's, reduced once
     mine_weights = WEIGHTS[:SPLIT] if rank == 0 else WEIGHTS[SPLIT:]
     loss_weighted = weighted_loss(trainer, mine, mine_weights)
+    trainer._metrics["train"].clear()  # the weighted pass adds no rows to the window checked above
     local = {
         "rank": rank,
         "world_size": world,
@@ -104,6 +130,7 @@ def main(out_path):
         "lambda_U": trainer.undesirable_weight,
         "n_desirable": trainer.loss_aversion.n_desirable,
         "n_undesirable": trainer.loss_aversion.n_undesirable,
+        "window": {k: v for k, v in window.items() if k.startswith(("rewards/", "logps/", "count/"))},
     }
     gathered = [None] * world
     dist.all_gather_object(gathered, local)
@@ -112,9 +139,19 @@ def main(out_path):
     trainer._metrics["train"].clear()
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
+
+    # Evaluation of 10 rows in batches of 3 per process: the last global batch (4 rows) is evened out with repeated
+    # rows, which must not be counted. Rank 0 also scores every eval row alone in float64 (the expected values).
+    eval_set = make_eval_set()
+    trainer.args.per_device_eval_batch_size = EVAL_BATCH
+    evaluation = trainer.evaluate(eval_set)
+    tokenized = trainer._prepare_dataset(eval_set, trainer.processing_class, trainer.args, "eval")  # on every process
     if rank == 0:
+        rows = [dict(row) for row in tokenized]
+        policy, reference = row_logps64(trainer.model, rows), row_logps64(trainer.ref_model, rows)
+        expected = [(row["label"], BETA * (p - r), p) for row, p, r in zip(rows, policy, reference)]
         with open(out_path, "w") as f:
-            json.dump({"ranks": gathered, "train_logs": logs}, f)
+            json.dump({"ranks": gathered, "train_logs": logs, "eval": evaluation, "eval_rows": expected}, f)
     # Both ranks leave together with the process group torn down. Even so, torch's C++ teardown at interpreter exit
     # aborts a finished gloo worker now and then ("terminate called without an active exception", no Python frame
     # left; about 1 run in 50 alone here, more under the full suite's load). The results are written and the group is gone, so the worker

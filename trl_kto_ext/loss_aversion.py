@@ -20,8 +20,8 @@ class LossAversion(NamedTuple):
     Attributes:
         desirable_weight: lambda_D.
         undesirable_weight: lambda_U.
-        n_desirable: n_D, desirable rows in the training set.
-        n_undesirable: n_U, undesirable rows in the training set.
+        n_desirable: n_D, desirable rows in the training set (0 for a set of undesirable rows only).
+        n_undesirable: n_U, undesirable rows in the training set (0 for a set of desirable rows only).
         mode: "auto" or "manual".
         counted_from: where n_D and n_U were counted when not the whole training set (e.g. "the first 1000 rows of
             the stream"); empty for the whole set.
@@ -44,25 +44,63 @@ class LossAversion(NamedTuple):
         return self.mass_desirable is not None
 
     @property
+    def missing_class(self) -> str | None:
+        """The class absent from the counts ("desirable" or "undesirable"), or None when both are present."""
+        if self.n_desirable > 0 and self.n_undesirable > 0:
+            return None
+        return "desirable" if self.n_desirable <= 0 else "undesirable"
+
+    @property
     def ratio(self) -> float:
-        """lambda_D * n_D / (lambda_U * n_U), the quantity Eq. (8) of the paper bounds to [1, 4/3] (with weights:
-        lambda_D * W_D / (lambda_U * W_U))."""
-        if self.weighted:
+        """lambda_D * n_D / (lambda_U * n_U), the quantity Eq. (8) of the paper bounds to [1, 4/3]; NaN when a class
+        is missing (the ratio is then undefined, and it is neither logged nor checked)."""
+        if self.missing_class is not None:
+            return float("nan")
+        if self.weighted:  # lambda_D * W_D / (lambda_U * W_U)
             return (self.desirable_weight * self.mass_desirable) / (self.undesirable_weight * self.mass_undesirable)
         return (self.desirable_weight * self.n_desirable) / (self.undesirable_weight * self.n_undesirable)
 
     def describe(self) -> str:
-        where = f", counted from {self.counted_from}" if self.counted_from else ""
-        sizes = f"n_D={self.n_desirable}, n_U={self.n_undesirable}"
+        """The one line printed when training starts: the weights, the counts and what they mean."""
+        counted = f", counted from {self.counted_from}" if self.counted_from else ""
         ratio = "lambda_D*n_D/(lambda_U*n_U)"
+        sizes = f"n_D={self.n_desirable}, n_U={self.n_undesirable}"
         if self.weighted:
-            sizes += f", weighted class mass W_D={self.mass_desirable:.6g}, W_U={self.mass_undesirable:.6g}"
             ratio = "lambda_D*W_D/(lambda_U*W_U)"
-            where += ", from the weighted class mass" if self.mode == "auto" else ""
-        return (
-            f"KTO loss aversion ({self.mode}{where}): lambda_D={self.desirable_weight:.4g}, "
-            f"lambda_U={self.undesirable_weight:.4g}, {sizes}, {ratio}={self.ratio:.4g} (paper advises [1, 4/3])"
+            sizes += f", weighted class mass W_D={self.mass_desirable:.6g}, W_U={self.mass_undesirable:.6g}"
+            counted += ", from the weighted class mass" if self.mode == "auto" and self.missing_class is None else ""
+        head = (
+            f"KTO loss aversion ({self.mode}{counted}): lambda_D={self.desirable_weight:.4g}, "
+            f"lambda_U={self.undesirable_weight:.4g}, {sizes}"
         )
+        if self.missing_class is None:
+            return f"{head}, {ratio}={self.ratio:.4g} (paper advises [1, 4/3])"
+        return f"{head}: {one_class_meaning(self)}"
+
+
+def one_class_meaning(aversion: LossAversion) -> str:
+    """What lambda means when the counted rows hold one class: the text after the counts in the printed line."""
+    if aversion.missing_class == "desirable":
+        present, used, unused, value = "undesirable", "lambda_U", "lambda_D", aversion.undesirable_weight
+    else:
+        present, used, unused, value = "desirable", "lambda_D", "lambda_U", aversion.desirable_weight
+    if aversion.mode == "auto":
+        source = "auto has no class to balance and falls back to lambda_D = lambda_U = 1"
+    else:
+        source = "the manual weights are kept"
+    text = (
+        f"only {present} rows, so each row is compared with z0 alone and lambda_D*n_D/(lambda_U*n_U) is undefined; "
+        f"{source}: {used}={value:.4g} only scales the loss and {unused} is unused."
+    )
+    if aversion.mode == "auto" and aversion.counted_from.startswith(
+        "the first "
+    ):  # a look-ahead, not the whole stream
+        text += (
+            f" If {aversion.missing_class} rows come later in the stream, shuffle it "
+            "(`dataset.shuffle(buffer_size=...)`) or raise loss_aversion_stream_rows so that auto counts both "
+            "classes, or set loss_aversion='manual' with desirable_weight/undesirable_weight."
+        )
+    return text
 
 
 def resolve_loss_aversion(
@@ -79,22 +117,32 @@ def resolve_loss_aversion(
     `auto` keeps lambda_U = 1 and sets lambda_D = target * n_U / n_D, so that the ratio equals `target`.
     `manual` keeps the given weights and warns once when the ratio falls outside [1, 4/3].
     With `masses` (W_D, W_U: the classes' summed row weights), W_D and W_U take the place of n_D and n_U.
+
+    One class only (n_D = 0 or n_U = 0): the KTO loss is still defined, each row being compared with the reference
+    point z0 alone, but there is no ratio to balance. `auto` then falls back to lambda_D = lambda_U = 1 (TRL's
+    defaults; the present class's weight only scales the loss) and `manual` keeps the given weights, without the
+    range warning. [`LossAversion.describe`] says so in one line. (Online KTO's rolling window, which sees one-class
+    steps, keeps its previous weights instead: `trl_kto_ext.online.rolling_loss_aversion`.)
+
+    Raises:
+        ValueError: no rows at all (n_D = n_U = 0), or a class with rows whose weights are all 0.
     """
-    if n_desirable <= 0 or n_undesirable <= 0:
-        missing = "desirable (label=True)" if n_desirable <= 0 else "undesirable (label=False)"
+    if n_desirable <= 0 and n_undesirable <= 0:
         raise ValueError(
-            f"The training set has no {missing} rows (n_D={n_desirable}, n_U={n_undesirable}). KTO needs both "
-            "labels: the loss compares desirable and undesirable completions against a shared reference point. "
-            "Add rows of the missing class (or check the label column / its mapping)."
+            f"The training set has no rows to count (n_D={n_desirable}, n_U={n_undesirable}): give a training set "
+            "with labelled rows."
         )
+    extra = {"mass_desirable": masses[0], "mass_undesirable": masses[1]} if masses is not None else {}
+    if n_desirable <= 0 or n_undesirable <= 0:
+        weights = (1.0, 1.0) if mode == "auto" else (float(desirable_weight), float(undesirable_weight))
+        return LossAversion(*weights, n_desirable, n_undesirable, mode, **extra)
     size_d, size_u = masses if masses is not None else (n_desirable, n_undesirable)
-    if masses is not None and not (size_d > 0 and size_u > 0):
+    if not (size_d > 0 and size_u > 0):
         empty = "desirable" if not size_d > 0 else "undesirable"
         raise ValueError(
             f"Every {empty} training row has weight 0 (weighted class mass W_D={size_d:g}, W_U={size_u:g}): KTO would "
             f"never learn from the {empty} class. Give some {empty} rows a positive weight."
         )
-    extra = {"mass_desirable": size_d, "mass_undesirable": size_u} if masses is not None else {}
     if mode == "auto":
         return LossAversion(target * size_u / size_d, 1.0, n_desirable, n_undesirable, "auto", **extra)
     result = LossAversion(
@@ -166,6 +214,8 @@ def count_stream_labels(dataset: IterableDataset, max_rows: int, with_masses: bo
 
     Raises:
         ValueError: the stream is empty, or its rows have no usable label / paired columns.
+
+    With `with_masses`, the counted rows' weighted class masses ([`weight_masses`], None without weights) follow.
     """
     rows = list(itertools.islice(iter(dataset), max_rows + 1))
     complete = len(rows) <= max_rows
@@ -190,7 +240,7 @@ def loss_aversion_for(dataset, args) -> LossAversion:
     ([`count_stream_labels`]); the result's `counted_from` says so.
 
     Raises:
-        ValueError: a class is missing from what was counted (for a stream, with the ways out), or bad labels.
+        ValueError: bad labels or columns, or no rows. One class only is not an error (see [`resolve_loss_aversion`]).
     """
     counted_from = ""
     if isinstance(dataset, IterableDataset):
@@ -198,21 +248,12 @@ def loss_aversion_for(dataset, args) -> LossAversion:
         *counts, counted_from, masses = count_stream_labels(dataset, rows, with_masses=True)
     else:
         counts, masses = count_raw_labels(dataset), weight_masses(dataset)
-    try:
-        result = resolve_loss_aversion(
-            *counts,
-            mode=getattr(args, "loss_aversion", "manual"),
-            target=getattr(args, "loss_aversion_target", 1.0),
-            desirable_weight=args.desirable_weight,
-            undesirable_weight=args.undesirable_weight,
-            masses=masses,
-        )
-    except ValueError as err:
-        if not counted_from:
-            raise
-        raise ValueError(
-            f"Counted from {counted_from}: {err} A stream ordered by label needs shuffling "
-            "(`dataset.shuffle(buffer_size=...)`), a larger `loss_aversion_stream_rows`, or "
-            "loss_aversion='manual' with desirable_weight/undesirable_weight."
-        ) from None
+    result = resolve_loss_aversion(
+        *counts,
+        mode=getattr(args, "loss_aversion", "manual"),
+        target=getattr(args, "loss_aversion_target", 1.0),
+        desirable_weight=args.desirable_weight,
+        undesirable_weight=args.undesirable_weight,
+        masses=masses,
+    )
     return result._replace(counted_from=counted_from)

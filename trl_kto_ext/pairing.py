@@ -65,6 +65,23 @@ def _random_cycle(n: int, rng: random.Random) -> list[int]:
     return perm
 
 
+SINGLE_PROMPT_NOTE = (
+    "Every training row has the same prompt: KTO estimates its reference point z0 from completions paired with other "
+    "prompts, and there are none, so this run trains with z0 = 0 (the loss without its reference point, as "
+    "loss_type='apo_zero_unpaired' has none; trl.KTOTrainer would pair rows with themselves instead). Add rows with "
+    "other prompts to estimate z0."
+)
+
+
+def single_prompt(dataset) -> bool:
+    """True when a map-style tokenized `dataset` has rows and all share one prompt (no mismatched pair exists);
+    False for a stream (it cannot be counted without being read) or a dataset without `prompt_ids`."""
+    if not isinstance(dataset, Dataset) or "prompt_ids" not in dataset.column_names or len(dataset) == 0:
+        return False
+    first = dataset[0]["prompt_ids"]
+    return all(ids == first for ids in dataset["prompt_ids"])
+
+
 def add_dataset_kl_pairing(dataset, seed: int):
     """Adds `KL_completion_ids`: each row's completion partner, a row with another prompt drawn at random."""
     if not isinstance(dataset, Dataset):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 import contextlib
+import logging
 from collections import defaultdict
 from typing import Any, NamedTuple
 
@@ -24,7 +25,7 @@ from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
 from trl_kto_ext.logprobs.reference import HostReference, frozen_copy
 from trl_kto_ext.loss import apo_zero_unpaired_loss, kto_loss
 from trl_kto_ext.loss_aversion import LossAversion, loss_aversion_for
-from trl_kto_ext.pairing import add_dataset_kl_pairing
+from trl_kto_ext.pairing import SINGLE_PROMPT_NOTE, add_dataset_kl_pairing, single_prompt
 from trl_kto_ext.report import step_metrics
 from trl_kto_ext.report.start import StartReport
 from trl_kto_ext.training import guards, resume
@@ -38,6 +39,7 @@ from trl_kto_ext.training.scoped import (
 from trl_kto_ext.trl_internals import add_fused_lm_head, prepare_deepspeed, use_adapter
 from trl_kto_ext.vision import vision_collator, with_decoded_labels
 
+logger = logging.getLogger(__name__)
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = {
     "completion_mask",
@@ -136,6 +138,7 @@ class KTOExtTrainer(KTOTrainer):
             add_fused_lm_head(self._host_reference.model)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._evaluating = 0
+        step_metrics.check_best_metric(self)  # metric_for_best_model that a one-class eval set cannot report
         self.add_callback(StartReport(self))
         self.add_callback(guards.NonFiniteStreak(self))
 
@@ -164,6 +167,9 @@ class KTOExtTrainer(KTOTrainer):
         )
         if dataset_name == "train":
             self._set_loss_aversion(dataset, args)  # counted over the rows kept: none of those dropped above
+        if dataset_name == "train" and self._uses_kl and single_prompt(dataset):
+            logger.warning(SINGLE_PROMPT_NOTE)  # no mismatched pair: z0 = 0 rather than a row paired with itself
+            self._uses_kl = False
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
             dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
         return dataset
@@ -212,8 +218,8 @@ class KTOExtTrainer(KTOTrainer):
             logps = SequenceLogps(
                 policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
                 reference=reference,
-                kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else None,
-                kl_reference=kl_reference,
+                kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else reference[:0],
+                kl_reference=kl_reference if self.calculate_KL else reference[:0],  # no KL rows: z0 = 0
             )
         lambdas = (self.beta, self.desirable_weight, self.undesirable_weight)
         weighting = {"weights": batch.get(WEIGHT), "weight_total": batch_weight_total(self, batch.get(WEIGHT))}
@@ -323,12 +329,7 @@ class KTOExtTrainer(KTOTrainer):
 
     # --------------------------------------------------------------------------------------------------- metrics
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # An evaluation's metrics are already in its `logs`, under its own prefix (see `evaluation_loop`); every other
-        # call logs training, so the window's training metrics are added. TRL's `log` would average the row counts
-        # and tell the two apart by `model.training`: skip to transformers' own.
-        if not self._evaluating:
-            guards.correct_logged_loss(self, logs)  # steps skipped for a NaN/inf loss are not a loss of 0
-            logs.update(step_metrics.summarize(self, "train"))
+        step_metrics.add_train_window(self, logs)  # means over the window's rows; TRL's `log` averages batch means
         Trainer.log(self, logs, start_time)
 
     # ------------------------------------------------------------------------------------ evaluation and predict
@@ -337,17 +338,11 @@ class KTOExtTrainer(KTOTrainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        self._metrics["eval"].clear()  # nothing carried over from an interrupted pass
-        try:
-            with reference.reference_for_pass(self):
-                output = super().evaluation_loop(
-                    dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-                )
-            output.metrics.update(
-                {f"{metric_key_prefix}_{k}": v for k, v in step_metrics.summarize(self, "eval").items()}
+        with step_metrics.eval_pass(self), reference.reference_for_pass(self):
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
-        finally:
-            self._metrics["eval"].clear()
+            output.metrics.update(step_metrics.pass_metrics(self, metric_key_prefix))  # means over the pass's rows
         return output
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -387,6 +382,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
+        step_metrics.count_tokens(self)  # `num_tokens` saved below counts the steps not yet logged too
         resume.save_pairing_state(self, output_dir)  # the state before the first batch not yet trained on
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:

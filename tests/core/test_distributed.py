@@ -13,6 +13,7 @@ from pathlib import Path
 import distributed_worker as worker
 import pytest
 import torch
+from test_window_metrics import row_means
 
 from trl_kto_ext.training.scoped import attribute
 
@@ -44,6 +45,8 @@ def one_process_result(tmp_path_factory):
     examples = worker.fixed_examples(trainer)
     full = worker.loss_and_z0(trainer, examples)
     halves = [worker.loss_and_z0(trainer, part) for part in (examples[: worker.SPLIT], examples[worker.SPLIT :])]
+    policy, reference = worker.row_logps64(trainer.model, examples), worker.row_logps64(trainer.ref_model, examples)
+    rows = [(row["label"], worker.BETA * (p - r), p) for row, p, r in zip(examples, policy, reference)]
     # Weighted: one row at a time (same z0, the global one) gives each row's term; the global weighted mean follows.
     per_row = []
     for i in range(worker.ROWS):
@@ -51,8 +54,15 @@ def one_process_result(tmp_path_factory):
             per_row.append(
                 worker.weighted_loss(trainer, examples, [1.0 if j == i else 0.0 for j in range(worker.ROWS)])
             )
-    return {"loss": full[0], "z0": full[1], "half_z0": [z0 for _, z0 in halves], "lambda_D": trainer.desirable_weight,
-            "loss_weighted": worker.weighted_loss(trainer, examples, worker.WEIGHTS), "row_terms": per_row}  # fmt: skip
+    return {
+        "loss": full[0],
+        "z0": full[1],
+        "half_z0": [z0 for _, z0 in halves],
+        "lambda_D": trainer.desirable_weight,
+        "rows": rows,  # (label, beta * r, log pi_theta) of each row of the global batch, float64
+        "loss_weighted": worker.weighted_loss(trainer, examples, worker.WEIGHTS),
+        "row_terms": per_row,
+    }
 
 
 def test_two_processes_really_ran_with_gloo(two_process_result):
@@ -111,6 +121,26 @@ def test_ddp_training_steps_log_finite_global_metrics(two_process_result):
         # Row counts are summed over both processes: 2 x per_device_train_batch_size.
         assert entry["count/desirable"] + entry["count/undesirable"] == 8
         assert entry["kl_rows"] == 4  # KL rows of this process's batch
+
+
+def test_step_metrics_are_means_over_the_rows_of_both_processes(two_process_result, one_process_result):
+    rows = one_process_result["rows"]
+    expected = row_means(rows)
+    assert expected["count/desirable"] and expected["count/undesirable"]
+    for rank in two_process_result["ranks"]:  # 5 rows on rank 0, 3 on rank 1: the totals are reduced, then divided
+        for key, value in expected.items():
+            assert rank["window"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+    # The mean of the two processes' own means is another number.
+    halves = [row_means(rows[: worker.SPLIT]), row_means(rows[worker.SPLIT :])]
+    naive = sum(half["rewards/chosen"] for half in halves if "rewards/chosen" in half) / 2
+    assert abs(naive - expected["rewards/chosen"]) > 1e-3
+
+
+def test_evaluation_over_two_processes_counts_each_row_once(two_process_result):
+    metrics, rows = two_process_result["eval"], [tuple(row) for row in two_process_result["eval_rows"]]
+    assert len(rows) == worker.EVAL_ROWS
+    for key, value in row_means(rows).items():
+        assert metrics[f"eval_{key}"] == pytest.approx(value, rel=1e-4, abs=1e-4), key
 
 
 if __name__ == "__main__":  # pragma: no cover

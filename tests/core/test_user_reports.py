@@ -141,25 +141,12 @@ def test_malformed_message_is_named_by_its_file_row_despite_the_hold_out(tmp_pat
     assert "prompt at row 6 (counting from 0) of the train dataset" in str(err.value)
 
 
-def test_one_class_stops_before_the_model_loads(tmp_path, capsys):
-    rows = [dict(r, label=True) for r in _pairs(20)]
-    with pytest.raises(SystemExit) as err:
-        main(_cli(tmp_path, _jsonl(tmp_path / "good.jsonl", rows)))
-    captured = capsys.readouterr()
-    assert str(
-        err.value
-    ).startswith(
-        "trl-kto-ext: error: The training set has no undesirable (label=False) rows (n_D=36, n_U=0)."  # 4 rows held out for eval
-    )
-    assert "Only one label" not in captured.err + captured.out and "UserWarning" not in captured.err
-    assert not (tmp_path / "out").exists()
-
-
 def test_one_class_in_python_is_a_one_line_notice(caplog, recwarn):
     with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data.loading"):
         prepare_unpaired(Dataset.from_list([dict(r, label=True) for r in _pairs(2)]))
     assert caplog.messages == [
-        "Only one label present (4 desirable, 0 undesirable): fine for evaluation, but training needs both."
+        "Only one label present (4 desirable, 0 undesirable): KTO trains on it, each row compared with z0 alone "
+        "(auto loss aversion then uses lambda_D = lambda_U = 1); check the label column if you expected both."
     ]
     assert not recwarn.list
 

@@ -168,8 +168,13 @@ def test_zero_rows(tmp_path):
     with pytest.raises(ValueError, match="0 rows"):
         prepare_unpaired(empty)
     rows = [{"prompt": f"p{i}", "completion": "c", "label": i < 3} for i in range(10)]
-    with pytest.raises(ValueError, match="KTO needs both labels"):
+    with pytest.raises(
+        ValueError, match=r"desirable_fraction=0.1 keeps 0 of the 3 desirable rows \(0.1 x 3 rounds to 0\)"
+    ):
         load_unpaired_dataset(_write(tmp_path, "jsonl", rows), desirable_fraction=0.1)  # 0.3 rounds to 0 rows
+    # A class absent from the data stays absent: the other class is subsampled, nothing is refused.
+    one_class = load_unpaired_dataset(_write(tmp_path, "jsonl", rows[3:]), desirable_fraction=0.5)
+    assert count_labels(one_class) == (0, 7)
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

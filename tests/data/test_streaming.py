@@ -116,14 +116,33 @@ def test_auto_loss_aversion_reads_a_bounded_look_ahead(small_model, tiny_tokeniz
     assert trainer.desirable_weight == pytest.approx((6 - n_d) / n_d)
 
 
-def test_stream_sorted_by_label_is_a_clear_error(small_model, tiny_tokenizer, tmp_path):
+def test_stream_whose_look_ahead_holds_one_class_trains_and_says_what_to_do(
+    small_model, tiny_tokenizer, tmp_path, capsys
+):
     rows = sorted(_rows(), key=lambda r: not r["label"])  # the 4 desirable rows first
     stream = Dataset.from_list(rows).to_iterable_dataset()
-    with pytest.raises(ValueError) as info:
-        _trainer(small_model, tiny_tokenizer, tmp_path, stream, loss_aversion_stream_rows=4)
-    message = str(info.value)
-    assert message.startswith("Counted from the first 4 rows of the stream: The training set has no undesirable")
-    assert "dataset.shuffle(buffer_size=...)" in message and "loss_aversion_stream_rows" in message
+    trainer = _trainer(small_model, tiny_tokenizer, tmp_path, stream, loss_aversion_stream_rows=4, max_steps=2)
+    assert (trainer.desirable_weight, trainer.undesirable_weight) == (1.0, 1.0)  # auto cannot balance what it saw
+    trainer.train()
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("KTO loss aversion"))
+    assert line.startswith(
+        "KTO loss aversion (auto, counted from the first 4 rows of the stream): lambda_D=1, lambda_U=1, n_D=4, n_U=0: "
+        "only desirable rows"
+    )
+    assert "If undesirable rows come later in the stream, shuffle it (`dataset.shuffle(buffer_size=...)`)" in line
+    assert "loss_aversion_stream_rows" in line and "loss_aversion='manual'" in line
+
+
+def test_stream_of_one_class_read_whole_trains_without_the_stream_advice(
+    small_model, tiny_tokenizer, tmp_path, capsys
+):
+    rows = [row for row in _rows() if not row["label"]]  # 12 undesirable rows, all counted
+    trainer = _trainer(small_model, tiny_tokenizer, tmp_path, Dataset.from_list(rows).to_iterable_dataset())
+    trainer.train()
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("KTO loss aversion"))
+    assert line.startswith("KTO loss aversion (auto, counted from all 12 rows of the stream): lambda_D=1, lambda_U=1")
+    assert "only undesirable rows" in line and "stream, shuffle" not in line
+    assert trainer.state.global_step == 3
 
 
 def test_cli_streams_a_local_jsonl_file(tiny_default, tmp_path, capsys):

@@ -64,10 +64,9 @@ def make_parser(prog: str | None = PROG) -> TrlParser:
 
 def load_datasets(script_args, training_args) -> PreparedData:
     """(train, eval or None, tiny held-out or None) of `dataset_name` through the data pipeline
-    ([`trl_kto_ext.data.pipeline.prepare_datasets`]); SystemExit with its message in flag words."""
-    from trl_kto_ext.data.loading import count_labels
+    ([`trl_kto_ext.data.pipeline.prepare_datasets`]); SystemExit with its message in flag words. A training set of
+    one class is not refused: the trainer trains on it and prints what lambda_D / lambda_U mean then."""
     from trl_kto_ext.data.pipeline import prepare_datasets
-    from trl_kto_ext.loss_aversion import resolve_loss_aversion
 
     want_eval = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
     try:
@@ -86,10 +85,6 @@ def load_datasets(script_args, training_args) -> PreparedData:
             tiny_rows=(script_args.tiny_train_rows, script_args.tiny_eval_rows),
             scores=training_args,  # label_mode, desirable_threshold, score_weighting for a `score` column
         )
-        if not script_args.dataset_streaming:
-            resolve_loss_aversion(
-                *count_labels(data.train)
-            )  # one class: the trainer's message, before the model loads
     except (FileNotFoundError, ValueError) as err:
         _fail(as_flags(str(err)))
     return data

@@ -76,7 +76,8 @@ def subsample_class(
 ) -> Dataset:
     """Keep a seeded random `fraction` of each class (row order preserved), for the KTO paper's imbalance ablations.
 
-    The kept count is `floor(fraction * n + 0.5)` (round half up) per class; a class left with 0 rows is an error.
+    The kept count is `floor(fraction * n + 0.5)` (round half up) per class; a fraction that rounds a class present in
+    the data down to 0 rows is an error (a class absent from the data stays absent).
     """
     _check_fraction("desirable_fraction", desirable_fraction)
     _check_fraction("undesirable_fraction", undesirable_fraction)
@@ -88,9 +89,12 @@ def subsample_class(
         name = "desirable" if flag else "undesirable"
         idx = np.flatnonzero(labels == flag)
         k = math.floor(fraction * len(idx) + 0.5)
-        if k == 0:
-            msg = f"{name}_fraction={fraction} leaves 0 of {len(idx)} {name} rows; KTO needs both labels."
-            raise ValueError(f"{msg} Raise {name}_fraction or add {name} examples.")
+        if k == 0 and len(idx) > 0:  # a fraction asks for some of the class; rounding to none is not what was meant
+            raise ValueError(
+                f"{name}_fraction={fraction} keeps 0 of the {len(idx)} {name} rows ({fraction} x {len(idx)} rounds "
+                f"to 0): raise {name}_fraction to keep some, or leave the {name} rows out of the data to train on one "
+                "class."
+            )
         keep.append(idx if k == len(idx) else rng.choice(idx, size=k, replace=False))
     return dataset.select(np.sort(np.concatenate(keep)))
 
@@ -190,9 +194,10 @@ def prepare_unpaired(
         dataset = subsample_class(dataset, desirable_fraction, undesirable_fraction, seed=seed)
     n_des, n_und = count_labels(dataset)
     if n_des == 0 or n_und == 0:
-        # Fine for an eval set; the trainer refuses it as a training set (the loss aversion needs both classes).
+        # KTO trains on one class (each row against z0); a label column read wrongly gives one class too.
         logger.warning(
-            "Only one label present (%d desirable, %d undesirable): fine for evaluation, but training needs both.",
+            "Only one label present (%d desirable, %d undesirable): KTO trains on it, each row compared with z0 alone "
+            "(auto loss aversion then uses lambda_D = lambda_U = 1); check the label column if you expected both.",
             n_des,
             n_und,
         )

@@ -78,7 +78,7 @@ def clamped_logps(trainer, model, batch, outputs) -> tuple[torch.Tensor, ...]:
     true_policy = (policy_tokens * mask).sum(-1).detach()
     policy = true_policy + (clamped - clamped.detach())  # value: the true log-prob; gradient: the clamped sum's
     reference = true_policy - clamped.detach()
-    kl_policy = kl_reference = None
+    kl_policy = kl_reference = true_policy[:0]  # no KL rows: z0 = 0
     if trainer.calculate_KL:
         with torch.no_grad():
             kl_tokens = token_logps(trainer, model, batch, KL_KEYS)

@@ -217,7 +217,9 @@ def create_model_card(
         lambda_u=f"{self.undesirable_weight:.6g}",
         n_d=aversion.n_desirable,
         n_u=aversion.n_undesirable,
-        ratio=f"{aversion.ratio:.4g}",
+        ratio=f"{aversion.ratio:.4g}"
+        if aversion.missing_class is None
+        else f"undefined (no {aversion.missing_class} rows)",
         kl_pairing=getattr(args, "kl_pairing", "batch"),
         feature_lines=feature_lines(self),
         sampler=args.train_sampling_strategy,
