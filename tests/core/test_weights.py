@@ -199,3 +199,11 @@ def test_trainer_refuses_a_negative_weight_naming_the_row(tmp_path, small_model,
     data = make_kto_dataset(8, seed=4).add_column("weight", [1.0, 1.0, 1.0, -2.0, 1.0, 1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match=r"weight at row 3 \(counting from 0\) of the train dataset is -2.0"):
         KTOExtTrainer(model=small_model, args=cpu_args(tmp_path), train_dataset=data, processing_class=tiny_tokenizer)
+
+
+def test_one_class_weighted_data_falls_back_like_unweighted_data():
+    resolved = resolve_loss_aversion(3, 0, "auto", masses=(2.5, 0.0))
+    assert resolved[:4] == (1.0, 1.0, 3, 0) and math.isnan(resolved.ratio)
+    assert "weighted class mass W_D=2.5, W_U=0" in resolved.describe() and "only desirable rows" in resolved.describe()
+    with pytest.raises(ValueError, match="Every undesirable training row has weight 0"):
+        resolve_loss_aversion(3, 2, "auto", masses=(2.5, 0.0))
