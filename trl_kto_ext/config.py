@@ -10,16 +10,18 @@ from trl import KTOConfig
 
 from trl_kto_ext.data.sampling import STRATEGIES
 from trl_kto_ext.data.scores import LABEL_MODES, SCORE_WEIGHTINGS
+from trl_kto_ext.training import options
+from trl_kto_ext.training.feature_options import (
+    HUMANLINE_LOG_EPSILON,
+    HUMANLINE_SYNC_STEPS,
+    TRUNCATION_MODES,
+    check_features,
+    resolve_reference_sync,
+)
 
 # Eq. (8) of the KTO paper (arXiv 2402.01306): lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3].
 LOSS_AVERSION_RANGE = (1.0, 4.0 / 3.0)
 _RANGE_TOLERANCE = 1e-6
-TRUNCATION_MODES = ("keep_start", "keep_end")
-# Humanline (arXiv 2509.24207): the authors' clamp bounds of the per-token log-ratio and the sync interval used here.
-HUMANLINE_LOG_EPSILON = (-1.0, 1.5)
-HUMANLINE_SYNC_STEPS = 1
-# TRL's defaults of its reference-sync fields (TR-DPO), used when humanline is off.
-TRL_SYNC_DEFAULTS = {"ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512}
 
 
 def _accelerator_available() -> bool:
@@ -276,7 +278,7 @@ class KTOExtConfig(KTOConfig):
     )
 
     def __post_init__(self):
-        self._resolve_reference_sync()
+        resolve_reference_sync(self)  # TRL's sync fields left unset: TRL's defaults, or humanline's
         # TRL's default gradient_checkpointing=True would make transformers warn (deprecated alias) on every config;
         # a value the user gave under the old name still gets transformers' warning.
         if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:
@@ -290,6 +292,7 @@ class KTOExtConfig(KTOConfig):
             # without a bf16 GPU unless `use_cpu` is given. Unset here means: bf16 where the hardware has it.
             self.bf16 = bool(self.use_cpu) or _bf16_accelerator_available()
             self.bf16_from_default = self.bf16  # said once when training starts (the trainer's start report)
+        options.check_config(self)  # options transformers' own set-up below would fail on with a deep traceback
         super().__post_init__()
         if self.loss_aversion not in ("auto", "manual"):
             raise ValueError(
@@ -337,49 +340,7 @@ class KTOExtConfig(KTOConfig):
                 f"`max_consecutive_nonfinite_steps` must be a whole number of steps >= 1, got {limit!r}: it is how many "
                 "optimizer steps in a row may be skipped for a NaN/inf loss before the run stops."
             )
-        _check_features(self)
-
-    def _resolve_reference_sync(self) -> None:
-        """TRL's sync fields left unset take TRL's defaults, or with humanline: sync on, alpha 1.0, every
-        HUMANLINE_SYNC_STEPS steps (the reference becomes the policy)."""
-        if self.sync_ref_model is None:
-            self.sync_ref_model = bool(self.humanline)
-        if self.ref_model_mixup_alpha is None:
-            self.ref_model_mixup_alpha = 1.0 if self.humanline else TRL_SYNC_DEFAULTS["ref_model_mixup_alpha"]
-        if self.ref_model_sync_steps is None:
-            self.ref_model_sync_steps = (
-                HUMANLINE_SYNC_STEPS if self.humanline else TRL_SYNC_DEFAULTS["ref_model_sync_steps"]
-            )
-
-
-def _check_features(config) -> None:
-    """Checks of the score-labelling, truncation and humanline fields (each a one-line error with the fix)."""
-    for name, choices in (
-        ("label_mode", LABEL_MODES),
-        ("score_weighting", SCORE_WEIGHTINGS),
-        ("truncation_mode", TRUNCATION_MODES),
-    ):
-        if getattr(config, name) not in choices:
-            raise ValueError(
-                f"`{name}` must be one of {', '.join(map(repr, choices))}, got {getattr(config, name)!r}."
-            )
-    low, high = float(config.humanline_log_epsilon_P), float(config.humanline_log_epsilon_R)
-    if not (low <= 0.0 <= high and low < high):
-        raise ValueError(
-            f"humanline_log_epsilon_P={low} and humanline_log_epsilon_R={high} must satisfy P <= 0 <= R with P < R: "
-            "they bound log(pi_theta/pi_ref) per token below and above (the authors use -1.0 and 1.5)."
-        )
-    if config.humanline and config.precompute_ref_log_probs:
-        raise ValueError(
-            "humanline=True needs the reference's per-token log-probs at every step (and, with sync_ref_model, a "
-            "reference that changes), but precompute_ref_log_probs caches per-sequence sums once: set "
-            "precompute_ref_log_probs=False."
-        )
-    steps, alpha = config.ref_model_sync_steps, config.ref_model_mixup_alpha
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`ref_model_sync_steps` must be a whole number of optimizer steps >= 1, got {steps!r}.")
-    if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"`ref_model_mixup_alpha` must lie in (0, 1], got {alpha!r}.")
+        check_features(self)  # scores to labels, truncation, humanline and reference sync
 
 
 def as_ext_config(args: KTOConfig | None, model) -> KTOExtConfig:

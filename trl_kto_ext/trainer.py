@@ -15,9 +15,9 @@ from trl import KTOConfig, KTOTrainer
 
 from trl_kto_ext.collator import KTOExtCollator, keep_kl_rows
 from trl_kto_ext.config import as_ext_config
-from trl_kto_ext.data import sampling, validation
+from trl_kto_ext.data import sampling, special_tokens, validation
 from trl_kto_ext.data.scores import labels_from_scores
-from trl_kto_ext.data.truncation import keep_end
+from trl_kto_ext.data.truncation import truncate_prompts
 from trl_kto_ext.data.unpairing import as_unpaired
 from trl_kto_ext.data.weights import WEIGHT, batch_weight_total
 from trl_kto_ext.logprobs import humanline, ref_cache, reference
@@ -28,8 +28,8 @@ from trl_kto_ext.loss_aversion import LossAversion, loss_aversion_for
 from trl_kto_ext.pairing import SINGLE_PROMPT_NOTE, add_dataset_kl_pairing, single_prompt
 from trl_kto_ext.report import step_metrics
 from trl_kto_ext.report.start import StartReport
-from trl_kto_ext.training import guards, resume
-from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend
+from trl_kto_ext.training import guards, options, resume
+from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend, keep_4bit_layers_differentiable
 from trl_kto_ext.training.scoped import (
     activation_checkpointing_off,
     attribute,
@@ -82,6 +82,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
         args = as_ext_config(args, model)
+        options.check_trainer(model, args, kwargs)  # options needing an accelerator, a package, a model feature
         if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
             check_kbit_backend(args.device.type)  # a clear message before any weights are loaded
         self._vocab_rows = validation.check_before_setup(model, args, kwargs)  # empty train set, pad token
@@ -100,6 +101,7 @@ class KTOExtTrainer(KTOTrainer):
         with loss_type_during_setup(args, "apo_zero_unpaired"):
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         validation.check_sharding(args, self.is_fsdp_enabled)  # FSDP asked for but not set up: stop, not plain DDP
+        keep_4bit_layers_differentiable(self.model)  # bitsandbytes' CPU eval repacking would cut the gradient
         self.loss_type = args.loss_type
         self.calculate_KL = self._uses_kl
         if user_collator is None and self._is_vision_dataset:
@@ -149,14 +151,16 @@ class KTOExtTrainer(KTOTrainer):
         # Labels read by meaning (a ClassLabel by its names) and pairs unpaired side by side, by the conversion that
         # prepare_unpaired and the CLI use; TRL's own unpairing would put every chosen row before every rejected one.
         dataset = as_unpaired(dataset)
+        conversational = special_tokens.is_conversational_dataset(dataset)
+        special_tokens.check_can_end_completions(self._tokenizer, conversational, dataset_name)
         # KL rows are paired by the collator: never add TRL's tokenization-time `KL_completion_ids` (its rotation
         # within fixed blocks needs the sequential sampler). Rows whose prompt fills max_length are dropped by
         # `check_tokenized`, which logs how many (TRL drops them silently).
         # TRL's own weight advice repeats ours with other bounds (ours: loss_aversion.resolve_loss_aversion): dropped.
         with attribute(self, "calculate_KL", False), attribute(args, "max_length", None), without_trl_weight_advice():
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if args.truncation_mode == "keep_end":  # long prompts lose their start, not the completion
-            dataset = keep_end(dataset, args.max_length, processing_class, dataset_name)
+        dataset = special_tokens.fix_special_tokens(dataset, self._tokenizer, conversational, dataset_name)
+        dataset = truncate_prompts(dataset, args, processing_class, dataset_name)  # keep_end: long prompts shortened
         dataset = validation.check_tokenized(
             dataset,
             args.max_length,
@@ -186,6 +190,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         reference.check_reference_available(self, f"the reference log-probs of the {name!r} dataset")
+        keep_4bit_layers_differentiable(self.model)  # TRL precomputes during its set-up, in eval mode
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
         # Otherwise only the targets' are: the KL rows change with every batch, so theirs are computed per step.
         cache_kl = self._uses_kl and "KL_completion_ids" in dataset.column_names

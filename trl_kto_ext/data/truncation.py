@@ -119,6 +119,14 @@ def keep_end(dataset, max_length: int | None, processing_class, name: str):
     return dataset
 
 
+def truncate_prompts(dataset, args, processing_class, name: str):
+    """[`keep_end`] when `args.truncation_mode` is `"keep_end"`; the dataset unchanged for `"keep_start"` (the
+    collator then keeps the start, and `check_tokenized` drops rows whose prompt fills max_length)."""
+    if getattr(args, "truncation_mode", "keep_start") != "keep_end":
+        return dataset
+    return keep_end(dataset, args.max_length, processing_class, name)
+
+
 def _main_process() -> bool:
     from accelerate import PartialState
 

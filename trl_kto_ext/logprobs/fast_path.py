@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from accelerate.utils import is_peft_model
@@ -24,7 +25,9 @@ class FastPath:
     of that batch on the fast path must equal TRL's fused-head path (relative 1e-4 in fp32, 2e-2 under bf16/fp16
     autocast, where both paths round). A model that fails, or whose TRL head cannot be extended (another TRL version,
     prompt-learning PEFT, vision inputs; for the policy's forward also an MoE auxiliary loss), stays on TRL's path,
-    and the reason is logged once per trainer (info). Models that accelerate prepared for mixed precision (bf16/fp16
+    and the reason is logged once per trainer (info). A check that raises (e.g. a quantized kernel that refuses a
+    shape) is a fallback too, said once as a warning: a start-up check never stops a run, and an error that TRL's
+    path shares is then raised by TRL's path itself. Models that accelerate prepared for mixed precision (bf16/fp16
     autocast) keep the fast path: its calls run under the trainer's `accelerator.autocast()` with outputs cast to
     fp32, as TRL's calls do inside accelerate's forward wrapper.
 
@@ -117,7 +120,7 @@ class FastPath:
                     if not error <= self._tolerance:
                         reason = f"its log-probs differ from the padded pass by {error:.2e} (relative)"
                 except Exception as error:  # e.g. a forward without a KV cache or `position_ids`
-                    reason = f"the cached-prompt forward failed ({type(error).__name__}: {error})"
+                    reason = f"the cached-prompt forward failed ({_one_line(error)})"
             self._shared_verdict[id(lm)] = reason is None
             if reason is not None:
                 self._say(model, reason, "Running each prompt once per completion (target and KL rows)")
@@ -171,19 +174,28 @@ class FastPath:
             return False
         verdict = self._verdict.get(id(lm))
         if verdict is None:
-            reason = self._why_not(model, lm, batch)
-            if reason is None:
-                reason = self._compare(model, batch, keys)
+            level = logging.INFO
+            try:
+                reason = self._why_not(model, lm, batch) or self._compare(model, batch, keys)
+            except Exception as error:  # a check must not stop the run: TRL's path runs, and raises its own errors
+                reason, level = f"its start-up check failed ({_one_line(error)})", logging.WARNING
             verdict = self._verdict[id(lm)] = reason is None
             if reason is not None:
-                self._say(model, reason)
+                self._say(model, reason, level=level)
         return verdict
 
-    def _say(self, model, reason: str, fallback: str = "Using TRL's standard log-prob computation") -> None:
+    def _say(
+        self,
+        model,
+        reason: str,
+        fallback: str = "Using TRL's standard log-prob computation",
+        level: int = logging.INFO,
+    ) -> None:
         """Logs a fallback once per trainer and reason (the policy and the reference usually share it)."""
         if (fallback, reason) not in self._said:
             self._said.add((fallback, reason))
-            logger.info(
+            logger.log(
+                level,
                 "%s for %s (%s): %s; results are the same, only slower.",
                 fallback,
                 self._role(model),
@@ -206,7 +218,7 @@ class FastPath:
             try:
                 reason = self._compare(model, batch, keys, packed=True)
             except Exception as error:  # e.g. a model whose forward takes no `position_ids`
-                reason = f"the packed forward failed ({type(error).__name__}: {error})"
+                reason = f"the packed forward failed ({_one_line(error)})"
             verdict = self._packing_verdict[id(lm)] = reason is None
             if reason is not None:
                 logger.warning(
@@ -240,25 +252,19 @@ class FastPath:
         if packed and ids.size(0) == 1:
             ids, mask, completion = (torch.cat([x, x]) for x in (ids, mask, completion))
         labels = ids.masked_fill(completion == 0, -100)
-        unwrapped = self.trainer.accelerator.unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()  # dropout would make two passes differ
-        try:
-            with torch.no_grad():
-                ref = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
-                ref = ref.log_probs[:, -(ids.size(1) - 1) :].sum(-1).double()
-                if packed:
-                    # packs twice the widest row: any two rows fit, so every pack but the last holds several
-                    fast = logps.packed_completion_logps(model, ids, mask, completion, capacity=2 * ids.size(1))
-                    if fast is None:
-                        return "the batch is not right-padded"
-                else:
-                    overhead = self._overhead(grad=False)
-                    fast = logps.completion_logps(model, ids, mask, completion, bucket_overhead_tokens=overhead)
-                    fast = fast.log_probs
-                fast = fast.sum(-1)
-        finally:
-            unwrapped.train(was_training)
+        with _without_dropout(self.trainer.accelerator.unwrap_model(model)), torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+            ref = ref.log_probs[:, -(ids.size(1) - 1) :].sum(-1).double()
+            if packed:
+                # packs twice the widest row: any two rows fit, so every pack but the last holds several
+                fast = logps.packed_completion_logps(model, ids, mask, completion, capacity=2 * ids.size(1))
+                if fast is None:
+                    return "the batch is not right-padded"
+            else:
+                overhead = self._overhead(grad=False)
+                fast = logps.completion_logps(model, ids, mask, completion, bucket_overhead_tokens=overhead)
+                fast = fast.log_probs
+            fast = fast.sum(-1)
         error, tolerance = _relative_error(fast, ref), self._tolerance
         if not error <= tolerance:
             return (
@@ -266,6 +272,33 @@ class FastPath:
                 f"first batch (relative; tolerance {tolerance:g})"
             )
         return None
+
+
+@contextlib.contextmanager
+def _without_dropout(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off for a check's passes: every module in eval mode, except those whose eval-mode forward changes their
+    own weights, which keep their mode (bitsandbytes' `Linear4bit` repacks its weight for CPU inference on its first
+    no-grad eval forward, a layout that rejects some shapes and gives no input gradient after). Each module's own
+    mode is restored afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        for module in modes:
+            if not _eval_changes_weights(module):
+                module.training = False
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _eval_changes_weights(module: torch.nn.Module) -> bool:
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None  # a 4-bit bitsandbytes layer
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: message`, first line only, at most 300 characters."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
 
 
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -62,11 +62,20 @@ def load(path: str, n_rows: int, with_kl: bool) -> dict[str, torch.Tensor] | Non
 
 
 def save(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Writes `tensors` atomically (a temporary file renamed), so a concurrent reader never sees half a file."""
+    """Writes `tensors` atomically (a temporary file renamed), so a concurrent reader never sees half a file.
+
+    Raises:
+        OSError, RuntimeError (torch.save): the folder cannot be created or written (no temporary file is left).
+    """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save({k: v.float().cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({k: v.float().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def sequences(dataset: Dataset, completion_column: str, max_length: int | None) -> list[tuple[list[int], int]]:
@@ -207,10 +216,18 @@ def precompute(trainer, dataset, name: str, batch_size: int):
     if path is None:
         logger.warning("Reference log-probs for the %s set computed in %.1f s (cache off).", name, seconds)
     elif trainer.accelerator.is_main_process:
-        save(path, tensors)
-        logger.warning(
-            "Reference log-probs for the %s set: cache miss, computed in %.1f s, saved to %s", name, seconds, path
-        )
+        try:
+            save(path, tensors)
+        except (OSError, RuntimeError) as error:  # an unwritable cache costs a recomputation next time, not the run
+            logger.warning(
+                "Reference log-probs for the %s set computed in %.1f s; not cached: writing %s failed (%s). Set "
+                "`ref_cache_dir` to a writable folder (or $TRL_KTO_EXT_REF_CACHE), or `ref_cache=False`.",
+                name, seconds, path, error,
+            )  # fmt: skip
+        else:
+            logger.warning(
+                "Reference log-probs for the %s set: cache miss, computed in %.1f s, saved to %s", name, seconds, path
+            )
     return _with_columns(dataset, tensors)
 
 

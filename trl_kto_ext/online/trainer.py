@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from trl import is_conversational
 
+from trl_kto_ext.data.special_tokens import text_prompt_ids
 from trl_kto_ext.loss_aversion import LossAversion
 from trl_kto_ext.online.config import OnlineKTOConfig
 from trl_kto_ext.online.rewards import (
@@ -187,7 +188,8 @@ class OnlineKTOTrainer(KTOExtTrainer):
         """Prompt token ids as the offline trainer tokenizes them (chat template with the generation prompt)."""
         if is_conversational({"prompt": prompt}):
             return _tokenize(self.processing_class, prompt, add_generation_prompt=True)["input_ids"]
-        return _tokenize(self.processing_class, prompt)["input_ids"]
+        # without what the tokenizer appends to a text (an EOS from `add_eos_token=True` would end the prompt)
+        return text_prompt_ids(self._tokenizer, _tokenize(self.processing_class, prompt)["input_ids"])
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:
@@ -200,7 +202,7 @@ class OnlineKTOTrainer(KTOExtTrainer):
         input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in prompt_ids], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompt_ids], device=device)
         eos = model.generation_config.eos_token_id
-        eos = {tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = ({tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}  # a tokenizer may have none
         was_training = model.training
         model.eval()
         try:
