@@ -88,6 +88,21 @@ def loss_and_z0(trainer, examples):
     return loss.item(), trainer._metrics["train"]["kl_raw"][-1]
 
 
+# Per-row weights of the fixed global batch: uneven over the two ranks, so a mean of per-rank weighted means is wrong.
+WEIGHTS = [0.5, 1.0, 0.0, 2.0, 0.25, 3.0, 1.5, 4.0]
+
+
+def weighted_loss(trainer, examples, weights):
+    """`compute_loss` on `examples` with per-row `weights` (a `weight` tensor in the batch)."""
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    batch = DataCollatorForUnpairedPreference(pad_token_id=trainer._tokenizer.pad_token_id)(examples)
+    batch["weight"] = torch.tensor(weights, dtype=torch.float32)
+    trainer.model.train()
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, dict(batch)).item()
+
+
 def main(out_path):
     import torch.distributed as dist
 
@@ -100,12 +115,16 @@ def main(out_path):
     mine = examples[:SPLIT] if rank == 0 else examples[SPLIT:]
     loss, z0 = loss_and_z0(trainer, mine)
     window = step_metrics.summarize(trainer, "train")  # this process's rows and the other's, reduced once
+    mine_weights = WEIGHTS[:SPLIT] if rank == 0 else WEIGHTS[SPLIT:]
+    loss_weighted = weighted_loss(trainer, mine, mine_weights)
+    trainer._metrics["train"].clear()  # the weighted pass adds no rows to the window checked above
     local = {
         "rank": rank,
         "world_size": world,
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "rows": len(mine),
         "loss": loss,
+        "loss_weighted": loss_weighted,
         "z0": z0,
         "lambda_D": trainer.desirable_weight,
         "lambda_U": trainer.undesirable_weight,

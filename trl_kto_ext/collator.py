@@ -6,6 +6,7 @@ from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsuppor
 from dataclasses import dataclass, field
 from typing import Any
 
+from trl_kto_ext.data.weights import add_weights
 from trl_kto_ext.pairing import MismatchedCompletions
 from trl_kto_ext.trl_internals import DataCollatorForUnpairedPreference
 
@@ -19,7 +20,8 @@ class KTOExtCollator(DataCollatorForUnpairedPreference):
     or all rows sharing a prompt), the completion comes from recently collated batches, then from `fallback_dataset`.
     Padding and truncation are TRL's `DataCollatorForUnpairedPreference`, so the output keys are the same:
     `input_ids`, `attention_mask`, `completion_mask`, `KL_input_ids`, `KL_attention_mask`, `KL_completion_mask`,
-    `label` (and `ref_logps` when the examples carry cached reference log-probs).
+    `label` (and `ref_logps` when the examples carry cached reference log-probs), plus `weight` (float32 [B]) when
+    the examples carry a per-row `weight`.
 
     Args:
         pad_token_id: token used for padding.
@@ -67,13 +69,13 @@ class KTOExtCollator(DataCollatorForUnpairedPreference):
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if self.use_dataset_pairing and all("KL_completion_ids" in ex for ex in examples):
-            return super().torch_call(examples)
+            return add_weights(super().torch_call(examples), examples)
         # KL completions (and their cached reference log-probs) from elsewhere belong to another pairing: drop them.
         examples = [{k: v for k, v in ex.items() if k not in ("KL_completion_ids", "ref_KL_logps")} for ex in examples]
         if self.build_kl:
             kl_completions = self.kl_completions(examples)
             examples = [dict(ex, KL_completion_ids=c) for ex, c in zip(examples, kl_completions)]
-        return super().torch_call(examples)
+        return add_weights(super().torch_call(examples), examples)
 
     def kl_completions(self, examples: list[dict[str, Any]]) -> list[list[int]]:
         """The completion ids paired with each example's prompt for the KL rows."""

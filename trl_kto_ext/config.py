@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from trl import KTOConfig
 
 from trl_kto_ext.data.sampling import STRATEGIES
+from trl_kto_ext.data.scores import LABEL_MODES, SCORE_WEIGHTINGS
 from trl_kto_ext.training import options
+from trl_kto_ext.training.feature_options import (
+    HUMANLINE_LOG_EPSILON,
+    HUMANLINE_SYNC_STEPS,
+    TRUNCATION_MODES,
+    check_features,
+    resolve_reference_sync,
+)
 
 # Eq. (8) of the KTO paper (arXiv 2402.01306): lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3].
 LOSS_AVERSION_RANGE = (1.0, 4.0 / 3.0)
@@ -70,6 +78,24 @@ class KTOExtConfig(KTOConfig):
         max_consecutive_nonfinite_steps (`int`, defaults to `10`):
             With `"skip"`, this many consecutive optimizer steps with a NaN/inf loss or gradient raise
             `NonFiniteLossError`: a run whose every step is skipped has stopped learning.
+        label_mode (`str`, defaults to `"threshold"`), desirable_threshold (`float`, defaults to `0.5`):
+            How a dataset with a `score` column and no `label` is labelled, by the rule online KTO uses for rewards
+            (`trl_kto_ext.data.scores`): `"threshold"`, desirable iff score >= desirable_threshold; `"relative"`,
+            desirable iff score > the mean score of the same prompt's completions (ties undesirable, prompts whose
+            scores are all equal left out).
+        score_weighting (`str`, defaults to `"none"`):
+            `"distance"`: each score-labelled row also weighs |score - threshold| (or |score - prompt mean|).
+        truncation_mode (`str`, defaults to `"keep_start"`):
+            Rows longer than max_length: `"keep_start"` cuts the end of the completion and drops rows whose prompt
+            alone fills max_length; `"keep_end"` shortens the prompt from its start (whole earlier turns of a
+            conversation, the system turn kept) so the completion stays whole.
+        humanline (`bool`, defaults to `False`):
+            Humanline KTO (Liu, Muennighoff and Ethayarajh, arXiv 2509.24207): per-token log-ratios clamped to
+            [humanline_log_epsilon_P, humanline_log_epsilon_R] and, unless sync_ref_model=False, the reference set to
+            the policy every ref_model_sync_steps steps.
+        sync_ref_model (`bool` or `None`), ref_model_mixup_alpha (`float` or `None`), ref_model_sync_steps (`int` or
+            `None`): TRL's reference sync (TR-DPO); unset, they take TRL's defaults (off, 0.6, 512), or with humanline
+            (on, 1.0, 1).
     """
 
     train_sampling_strategy: str = field(
@@ -179,7 +205,80 @@ class KTOExtConfig(KTOConfig):
         },
     )
 
+    label_mode: str = field(
+        default="threshold",
+        metadata={
+            "help": "How a `score` column (used when the data has no `label`) becomes labels, by online KTO's rule. "
+            "'threshold': desirable iff score >= desirable_threshold. 'relative': desirable iff score > the mean "
+            "score of the same prompt's completions (ties undesirable; prompts whose scores are all equal are left "
+            "out).",
+            "choices": list(LABEL_MODES),
+        },
+    )
+    desirable_threshold: float = field(
+        default=0.5, metadata={"help": "Score at or above which a row is desirable (label_mode='threshold')."}
+    )
+    score_weighting: str = field(
+        default="none",
+        metadata={
+            "help": "'distance': each row labelled from its score also weighs |score - desirable_threshold| "
+            "('threshold') or |score - its prompt's mean score| ('relative'), times any `weight` column. 'none': no "
+            "extra weight.",
+            "choices": list(SCORE_WEIGHTINGS),
+        },
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={
+            "help": "What a row longer than max_length keeps. 'keep_start': the start (the end of the completion is "
+            "cut; a row whose prompt alone fills max_length is dropped). 'keep_end': the whole completion and the end "
+            "of the prompt (a conversation keeps whole final turns and its system turn); the start line says how "
+            "many rows were shortened.",
+            "choices": list(TRUNCATION_MODES),
+        },
+    )
+    humanline: bool = field(
+        default=False,
+        metadata={
+            "help": "Humanline KTO (arXiv 2509.24207): clamp each completion token's log(pi_theta/pi_ref) to "
+            "[humanline_log_epsilon_P, humanline_log_epsilon_R] (a clamped token adds its bound and no gradient) and "
+            "sync the reference to the policy every ref_model_sync_steps steps (sync_ref_model=False: clamp only). "
+            "The share of unclamped tokens is logged as `humanline/unclamped`."
+        },
+    )
+    humanline_log_epsilon_P: float = field(
+        default=HUMANLINE_LOG_EPSILON[0],
+        metadata={"help": "Lower bound of the clamped per-token log-ratio (humanline; <= 0)."},
+    )
+    humanline_log_epsilon_R: float = field(
+        default=HUMANLINE_LOG_EPSILON[1],
+        metadata={"help": "Upper bound of the clamped per-token log-ratio (humanline; >= 0)."},
+    )
+    sync_ref_model: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Set the reference to a mix of itself and the policy every ref_model_sync_steps steps (TRL's "
+            "TR-DPO sync). Unset: on with humanline, off otherwise. Needs a separate reference model (not LoRA) "
+            "and no precompute_ref_log_probs."
+        },
+    )
+    ref_model_mixup_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "alpha of the sync: pi_ref = alpha * pi_theta + (1 - alpha) * pi_ref. Unset: 1.0 with humanline "
+            "(the reference becomes the policy), TRL's 0.6 otherwise."
+        },
+    )
+    ref_model_sync_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps between reference syncs. Unset: "
+            f"{HUMANLINE_SYNC_STEPS} with humanline, TRL's 512 otherwise."
+        },
+    )
+
     def __post_init__(self):
+        resolve_reference_sync(self)  # TRL's sync fields left unset: TRL's defaults, or humanline's
         # TRL's default gradient_checkpointing=True would make transformers warn (deprecated alias) on every config;
         # a value the user gave under the old name still gets transformers' warning.
         if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:
@@ -241,6 +340,7 @@ class KTOExtConfig(KTOConfig):
                 f"`max_consecutive_nonfinite_steps` must be a whole number of steps >= 1, got {limit!r}: it is how many "
                 "optimizer steps in a row may be skipped for a NaN/inf loss before the run stops."
             )
+        check_features(self)  # scores to labels, truncation, humanline and reference sync
 
 
 def as_ext_config(args: KTOConfig | None, model) -> KTOExtConfig:

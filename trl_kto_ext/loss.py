@@ -41,6 +41,8 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     reference_point: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    weight_total: torch.Tensor | float | None = None,
 ) -> KTOLossOutput:
     r"""KTO loss of Ethayarajh et al., "KTO: Model Alignment as Prospect Theoretic Optimization"
     (https://arxiv.org/abs/2402.01306), Eq. (7)-(8).
@@ -50,7 +52,8 @@ def kto_loss(
 
         desirable:    L = lambda_D * (1 - sigma(beta * (r - z0)))
         undesirable:  L = lambda_U * (1 - sigma(beta * (z0 - r)))
-        loss = mean over the batch of L
+        loss = mean over the batch of L          (no `weights`)
+        loss = sum_i w_i L_i / sum_i w_i          (per-row `weights` w_i >= 0; z0 is unchanged)
 
     Args:
         policy_logps: log pi_theta(y|x) summed over completion tokens, shape [B].
@@ -64,6 +67,12 @@ def kto_loss(
         undesirable_weight: lambda_U.
         reference_point: optional z0 *before* the clamp, shape [] (for example the mean over all processes of a
             distributed run); when given, `kl_policy_logps` / `kl_reference_logps` are not used to compute it.
+        weights: optional per-row weights w_i >= 0, shape [B] (a dataset's `weight` column). Each row's loss term is
+            scaled by w_i and the sum divided by sum_i w_i, so weights that are all equal give the plain mean.
+        weight_total: the denominator to use instead of this batch's sum_i w_i, e.g. the sum over all processes
+            divided by their number (see `KTOExtTrainer`): averaging the per-process losses (and so their gradients,
+            as DDP does) then gives the weighted mean over the global batch. A total of 0 (every row weighs 0) gives a
+            loss of 0 with zero gradient.
 
     Returns:
         [`KTOLossOutput`] `(loss, metrics)`; `loss` is a scalar with gradients w.r.t. `policy_logps` only.
@@ -88,10 +97,10 @@ def kto_loss(
     logratios = policy_logps - reference_logps
     # One expression for both classes keeps a one-class batch free of empty-tensor means (and of NaN).
     sign = torch.where(labels, 1.0, -1.0).to(logratios)
-    weights = _class_weights(labels, desirable_weight, undesirable_weight, logratios)
-    losses = weights * (1.0 - F.sigmoid(beta * sign * (logratios - kl)))
+    lambdas = _class_weights(labels, desirable_weight, undesirable_weight, logratios)
+    losses = lambdas * (1.0 - F.sigmoid(beta * sign * (logratios - kl)))
     metrics = KTOLossMetrics(kl=kl, kl_raw=kl_raw, rewards=(beta * logratios).detach(), losses=losses.detach())
-    return KTOLossOutput(losses.mean(), metrics)
+    return KTOLossOutput(_reduce(losses, weights, weight_total), metrics)
 
 
 def apo_zero_unpaired_loss(
@@ -101,6 +110,8 @@ def apo_zero_unpaired_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    weights: torch.Tensor | None = None,
+    weight_total: torch.Tensor | float | None = None,
 ) -> KTOLossOutput:
     r"""Unpaired APO-zero loss (D'Oosterlinck et al., https://arxiv.org/abs/2408.06266, Eq. 7), kept for parity
     with TRL's `loss_type="apo_zero_unpaired"`:
@@ -108,15 +119,29 @@ def apo_zero_unpaired_loss(
         desirable:    L = lambda_D * (1 - sigma(beta * r))
         undesirable:  L = lambda_U * sigma(beta * r)
 
-    Shapes as in [`kto_loss`]; there is no reference point, so `kl` and `kl_raw` are 0.
+    Shapes, `weights` and `weight_total` as in [`kto_loss`]; there is no reference point, so `kl` and `kl_raw` are 0.
     """
     labels = labels.to(device=policy_logps.device, dtype=torch.bool)
     logratios = policy_logps - reference_logps
-    weights = _class_weights(labels, desirable_weight, undesirable_weight, logratios)
-    losses = weights * torch.where(labels, 1.0 - F.sigmoid(beta * logratios), F.sigmoid(beta * logratios))
+    lambdas = _class_weights(labels, desirable_weight, undesirable_weight, logratios)
+    losses = lambdas * torch.where(labels, 1.0 - F.sigmoid(beta * logratios), F.sigmoid(beta * logratios))
     zero = policy_logps.new_zeros(())
     metrics = KTOLossMetrics(kl=zero, kl_raw=zero, rewards=(beta * logratios).detach(), losses=losses.detach())
-    return KTOLossOutput(losses.mean(), metrics)
+    return KTOLossOutput(_reduce(losses, weights, weight_total), metrics)
+
+
+def _reduce(losses: torch.Tensor, weights: torch.Tensor | None, weight_total) -> torch.Tensor:
+    """The plain mean of the per-row losses [B], or sum_i w_i L_i / total (total: sum_i w_i unless given)."""
+    if weights is None:
+        return losses.mean()
+    if weights.shape != losses.shape:
+        raise ValueError(
+            f"kto_loss expects `weights` of shape {tuple(losses.shape)} (one per row), got {tuple(weights.shape)}."
+        )
+    weights = weights.detach().to(losses)
+    total = weights.sum() if weight_total is None else torch.as_tensor(weight_total).detach().to(losses)
+    # A batch whose rows all weigh 0 contributes nothing (0, zero gradient) rather than 0 / 0.
+    return (weights * losses).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def _class_weights(labels: torch.Tensor, desirable: float, undesirable: float, like: torch.Tensor) -> torch.Tensor:

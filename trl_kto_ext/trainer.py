@@ -16,8 +16,11 @@ from trl import KTOConfig, KTOTrainer
 from trl_kto_ext.collator import KTOExtCollator, keep_kl_rows
 from trl_kto_ext.config import as_ext_config
 from trl_kto_ext.data import sampling, special_tokens, validation
+from trl_kto_ext.data.scores import labels_from_scores
+from trl_kto_ext.data.truncation import truncate_prompts
 from trl_kto_ext.data.unpairing import as_unpaired
-from trl_kto_ext.logprobs import ref_cache, reference
+from trl_kto_ext.data.weights import WEIGHT, batch_weight_total
+from trl_kto_ext.logprobs import humanline, ref_cache, reference
 from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
 from trl_kto_ext.logprobs.reference import HostReference, frozen_copy
 from trl_kto_ext.loss import apo_zero_unpaired_loss, kto_loss
@@ -48,6 +51,7 @@ _NON_MODEL_KEYS = {
     "label",
     "ref_logps",
     "ref_KL_logps",
+    "weight",
 }
 
 
@@ -142,6 +146,7 @@ class KTOExtTrainer(KTOTrainer):
 
     # ----------------------------------------------------------------------------------------------- data set-up
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = labels_from_scores(dataset, args, dataset_name)  # a `score` column, no label: online KTO's rule
         validation.check_dataset(dataset, processing_class, dataset_name)
         # Labels read by meaning (a ClassLabel by its names) and pairs unpaired side by side, by the conversion that
         # prepare_unpaired and the CLI use; TRL's own unpairing would put every chosen row before every rejected one.
@@ -155,6 +160,7 @@ class KTOExtTrainer(KTOTrainer):
         with attribute(self, "calculate_KL", False), attribute(args, "max_length", None), without_trl_weight_advice():
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         dataset = special_tokens.fix_special_tokens(dataset, self._tokenizer, conversational, dataset_name)
+        dataset = truncate_prompts(dataset, args, processing_class, dataset_name)  # keep_end: long prompts shortened
         dataset = validation.check_tokenized(
             dataset,
             args.max_length,
@@ -171,6 +177,10 @@ class KTOExtTrainer(KTOTrainer):
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
             dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
         return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()  # TRL's KTO columns; the per-row weight reaches the collator too
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, WEIGHT]))
 
     def _get_train_sampler(self, train_dataset=None):
         # transformers infers lengths for group_by_length / batch_rebalance from `input_ids` (absent from KTO rows)
@@ -206,29 +216,23 @@ class KTOExtTrainer(KTOTrainer):
         if self.calculate_KL and self.args.kl_subset_size is not None:
             batch = keep_kl_rows(batch, self.args.kl_subset_size)
         outputs = self._policy_forward(model, batch)
-        reference, kl_reference = self._reference_logps(batch)
-        logps = SequenceLogps(
-            policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
-            reference=reference,
-            kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else reference[:0],
-            kl_reference=kl_reference if self.calculate_KL else reference[:0],  # no KL rows: z0 = 0
-        )
-        if self.loss_type == "apo_zero_unpaired":
-            result = apo_zero_unpaired_loss(
-                logps.policy, logps.reference, labels, self.beta, self.desirable_weight, self.undesirable_weight
-            )
+        if self.args.humanline:  # per-token log-ratios clamped to [epsilon_P, epsilon_R] (arXiv 2509.24207)
+            logps = SequenceLogps(*humanline.clamped_logps(self, model, batch, outputs))
         else:
-            result = kto_loss(
-                logps.policy,
-                logps.reference,
-                logps.kl_policy,
-                logps.kl_reference,
-                labels,
-                beta=self.beta,
-                desirable_weight=self.desirable_weight,
-                undesirable_weight=self.undesirable_weight,
-                reference_point=self._global_reference_point(logps.kl_policy - logps.kl_reference),
+            reference, kl_reference = self._reference_logps(batch)
+            logps = SequenceLogps(
+                policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
+                reference=reference,
+                kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else reference[:0],
+                kl_reference=kl_reference if self.calculate_KL else reference[:0],  # no KL rows: z0 = 0
             )
+        lambdas = (self.beta, self.desirable_weight, self.undesirable_weight)
+        weighting = {"weights": batch.get(WEIGHT), "weight_total": batch_weight_total(self, batch.get(WEIGHT))}
+        if self.loss_type == "apo_zero_unpaired":
+            result = apo_zero_unpaired_loss(logps.policy, logps.reference, labels, *lambdas, **weighting)
+        else:  # z0: the KL log-ratios' mean over the KL rows of all processes
+            z0 = self._global_reference_point(logps.kl_policy - logps.kl_reference)
+            result = kto_loss(*logps, labels, *lambdas, reference_point=z0, **weighting)
         loss = result.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss

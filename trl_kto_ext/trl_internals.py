@@ -92,6 +92,7 @@ PRIVATE_HOOKS: dict[str, str] = {
     "_load_optimizer_and_scheduler": "restores the collator's pairing state on resume",
     "_prepare_inputs": "online KTO: samples and labels completions for a batch of prompts",
     "_remove_unused_columns": "online KTO: prompt rows keep their columns for the reward functions",
+    "_set_signature_columns_if_needed": "keeps a dataset's per-row `weight` column for the collator",
 }
 
 # Private attributes of a KTOTrainer instance (or class) that this package reads or writes.
@@ -103,6 +104,7 @@ PRIVATE_ATTRIBUTES: dict[str, str] = {
     "_tp_size": "tensor-parallel size TRL divides token counts by",
     "_tag_names": "the model tags TRL writes into the card",
     "_paper": "the KTO paper's citation TRL holds, quoted in the model card",
+    "_signature_columns": "the dataset columns Trainer keeps; the per-row `weight` column is added to TRL's",
 }
 
 

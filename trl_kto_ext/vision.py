@@ -11,6 +11,7 @@ from typing import Any
 
 from trl_kto_ext.data.labels import decode_labels
 from trl_kto_ext.data.sampling import check_lengths
+from trl_kto_ext.data.weights import add_weights
 from trl_kto_ext.pairing import MismatchedCompletions
 from trl_kto_ext.trl_internals import DataCollatorForVisionUnpairedPreference
 
@@ -60,7 +61,7 @@ class KTOExtVisionCollator(DataCollatorForVisionUnpairedPreference):
             completions = self._pairs.draw(keys, [ex["completion"] for ex in examples])
             kl_batch = self._collate([dict(ex, completion=c) for ex, c in zip(examples, completions)])
             batch.update({f"KL_{key}": kl_batch[key] for key in _KL_KEYS if key in kl_batch})
-        return batch
+        return add_weights(batch, examples)  # a per-row `weight` column, as for text rows
 
     def _collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         # TRL's collator rewrites the rows it is given (images, messages): give it copies.

@@ -15,6 +15,8 @@ import pytest
 import torch
 from test_window_metrics import row_means
 
+from trl_kto_ext.training.scoped import attribute
+
 pytestmark = pytest.mark.distributed
 
 TIMEOUT_S = 240
@@ -45,12 +47,21 @@ def one_process_result(tmp_path_factory):
     halves = [worker.loss_and_z0(trainer, part) for part in (examples[: worker.SPLIT], examples[worker.SPLIT :])]
     policy, reference = worker.row_logps64(trainer.model, examples), worker.row_logps64(trainer.ref_model, examples)
     rows = [(row["label"], worker.BETA * (p - r), p) for row, p, r in zip(examples, policy, reference)]
+    # Weighted: one row at a time (same z0, the global one) gives each row's term; the global weighted mean follows.
+    per_row = []
+    for i in range(worker.ROWS):
+        with attribute(trainer, "_global_reference_point", lambda _, z0=full[1]: torch.tensor(z0)):
+            per_row.append(
+                worker.weighted_loss(trainer, examples, [1.0 if j == i else 0.0 for j in range(worker.ROWS)])
+            )
     return {
         "loss": full[0],
         "z0": full[1],
         "half_z0": [z0 for _, z0 in halves],
         "lambda_D": trainer.desirable_weight,
         "rows": rows,  # (label, beta * r, log pi_theta) of each row of the global batch, float64
+        "loss_weighted": worker.weighted_loss(trainer, examples, worker.WEIGHTS),
+        "row_terms": per_row,
     }
 
 
@@ -77,6 +88,22 @@ def test_two_process_loss_equals_one_process_loss(two_process_result, one_proces
     # Each process averages over its own rows; the global loss is the row-weighted mean of the two.
     global_loss = sum(r["loss"] * r["rows"] for r in ranks) / sum(r["rows"] for r in ranks)
     assert global_loss == pytest.approx(one_process_result["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_weighted_loss_over_two_processes_is_the_global_weighted_mean(two_process_result, one_process_result):
+    """Each rank divides by half the global sum of weights: the mean of the rank losses (what the DDP-averaged
+    gradient differentiates) is sum_i w_i L_i / sum_i w_i over the 8 rows, computed here in float64."""
+    ranks = two_process_result["ranks"]
+    weights = worker.WEIGHTS
+    expected = math.fsum(w * t for w, t in zip(weights, one_process_result["row_terms"])) / math.fsum(weights)
+    assert one_process_result["loss_weighted"] == pytest.approx(expected, rel=1e-5)
+    assert (ranks[0]["loss_weighted"] + ranks[1]["loss_weighted"]) / 2 == pytest.approx(expected, rel=1e-5)
+    # Each rank's own weighted mean, averaged (what dividing by the local sum would give), is a different value.
+    split = worker.SPLIT
+    local = [weights[:split], weights[split:]]
+    terms = [one_process_result["row_terms"][:split], one_process_result["row_terms"][split:]]
+    naive = sum(math.fsum(w * t for w, t in zip(ws, ts)) / math.fsum(ws) for ws, ts in zip(local, terms)) / 2
+    assert not math.isclose(naive, expected, rel_tol=1e-3)
 
 
 def test_lambda_counts_the_whole_dataset_on_every_process(two_process_result, one_process_result):

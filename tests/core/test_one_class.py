@@ -140,7 +140,7 @@ def test_one_class_vision_rows_train(tmp_path, capsys):
 
 
 def test_resolve_loss_aversion_of_one_class_and_of_no_rows():
-    assert resolve_loss_aversion(0, 5) == (1.0, 1.0, 0, 5, "auto", "")
+    assert resolve_loss_aversion(0, 5)[:6] == (1.0, 1.0, 0, 5, "auto", "")  # then the weighted masses (None)
     manual = resolve_loss_aversion(7, 0, mode="manual", desirable_weight=3.0, undesirable_weight=2.0)
     assert manual[:5] == (3.0, 2.0, 7, 0, "manual") and math.isnan(manual.ratio)  # no range warning either
     assert manual.missing_class == "undesirable"

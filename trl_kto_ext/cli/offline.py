@@ -39,6 +39,14 @@ class KTOScriptArguments(ScriptArguments):
     label_column: str = field(default="label", metadata={"help": "Column holding the desirable/undesirable label."})
     chosen_column: str = field(default="chosen", metadata={"help": "Chosen column of paired data (unpaired on load)."})
     rejected_column: str = field(default="rejected", metadata={"help": "Rejected column of paired data."})
+    weight_column: str = field(
+        default="weight",
+        metadata={"help": "Column holding a per-row (or per-pair) loss weight >= 0; rows weigh 1.0 without it."},
+    )
+    score_column: str = field(
+        default="score",
+        metadata={"help": "Column holding a score to label by (label_mode, desirable_threshold) when no label."},
+    )
     desirable_fraction: float = field(default=1.0, metadata={"help": "Share of desirable training rows to keep."})
     undesirable_fraction: float = field(default=1.0, metadata={"help": "Share of undesirable training rows to keep."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Share held out for eval if no test split."})
@@ -75,6 +83,7 @@ def load_datasets(script_args, training_args) -> PreparedData:
             streaming=script_args.dataset_streaming,
             seed=training_args.seed,
             tiny_rows=(script_args.tiny_train_rows, script_args.tiny_eval_rows),
+            scores=training_args,  # label_mode, desirable_threshold, score_weighting for a `score` column
         )
     except (FileNotFoundError, ValueError) as err:
         _fail(as_flags(str(err)))

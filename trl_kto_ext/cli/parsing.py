@@ -220,7 +220,7 @@ def format_config(script_args, training_args, model_args) -> str:
 
 # Keyword arguments of trl_kto_ext.data.loading that are also options of this command, as messages name them in Python.
 _KEYWORDS = re.compile(
-    r"(?<![\w-])((?:prompt|completion|label|chosen|rejected)_column|(?:un)?desirable_fraction|eval_fraction"
+    r"(?<![\w-])((?:prompt|completion|label|chosen|rejected|weight|score)_column|(?:un)?desirable_fraction|eval_fraction"
     r"|max_length)(=\s?)?"
 )
 

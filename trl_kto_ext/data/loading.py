@@ -20,6 +20,7 @@ from trl_kto_ext.data.labels import normalize_label as normalize_label  # re-exp
 from trl_kto_ext.data.messages import has_payload
 from trl_kto_ext.data.rows import row_ref
 from trl_kto_ext.data.unpairing import _check_dataset, _extract_prompt, _plain, is_paired, unpair_paired_dataset
+from trl_kto_ext.data.weights import check_weights
 
 logger = logging.getLogger(__name__)
 
@@ -129,24 +130,43 @@ def prepare_unpaired(
     label_column: str = "label",
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
+    weight_column: str = "weight",
+    score_column: str = "score",
     desirable_fraction: float = 1.0,
     undesirable_fraction: float = 1.0,
     seed: int = 0,
+    scores: Any = None,
+    name: str = "train",
 ) -> Dataset:
     """Map columns to prompt/completion/label, unpair paired data, normalise labels, validate, and subsample classes.
 
     Accepts unpaired rows (prompt, completion, label) or paired rows (prompt, chosen, rejected; a conversational pair
-    with the prompt inside chosen/rejected is split by TRL's `maybe_extract_prompt`). Extra columns are kept.
+    with the prompt inside chosen/rejected is split by TRL's `maybe_extract_prompt`). Extra columns are kept; an
+    optional `weight` column (per row, or per pair: both rows get it) is checked. Rows with a `score` column and no
+    label are labelled by `trl_kto_ext.data.scores.labels_from_scores` with the `label_mode`, `desirable_threshold`
+    and `score_weighting` of `scores` (a `KTOExtConfig`; None: its defaults). `name` names the split in messages.
     """
     dataset = _check_dataset(dataset)
     _check_fraction("desirable_fraction", desirable_fraction)
     _check_fraction("undesirable_fraction", undesirable_fraction)
-    names = ("prompt", "completion", "label", "chosen", "rejected")
-    mapping = dict(zip(names, (prompt_column, completion_column, label_column, chosen_column, rejected_column)))
+    names = ("prompt", "completion", "label", "chosen", "rejected", "weight", "score")
+    columns = (prompt_column, completion_column, label_column, chosen_column, rejected_column, weight_column)
+    mapping = dict(zip(names, (*columns, score_column)))
     dataset, wanted = _rename(dataset, mapping)
+    for optional in ("weight", "score"):  # optional columns, but one named explicitly must exist
+        if optional in wanted and optional not in dataset.column_names:
+            raise ValueError(
+                f"Column {wanted[optional]!r} ({optional}_column) is not in the data (columns: "
+                f"{sorted(dataset.column_names)}). Pass the name of the column holding the {optional}s."
+            )
     cols = set(dataset.column_names)
     if len(dataset) == 0:
         raise ValueError(f"The dataset has 0 rows (columns: {dataset.column_names}); load a file/split with data.")
+    if "score" in cols and "label" not in cols and not is_paired(cols):
+        from trl_kto_ext.data.scores import labels_from_scores
+
+        dataset = labels_from_scores(dataset, scores or _default_score_args(), name)
+        cols = set(dataset.column_names)
 
     paired = is_paired(cols)
     if paired:
@@ -163,6 +183,8 @@ def prepare_unpaired(
         )
 
     _check_text_columns(dataset, needed[:2] if not paired else needed)
+    if "weight" in cols:
+        check_weights(list(_plain(dataset)["weight"]), name)
     if paired:
         dataset = unpair_paired_dataset(dataset, seed=seed)
     else:
@@ -180,6 +202,13 @@ def prepare_unpaired(
             n_und,
         )
     return dataset
+
+
+def _default_score_args():
+    """The score-labelling settings of a default `KTOExtConfig` (threshold 0.5, no distance weighting)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(label_mode="threshold", desirable_threshold=0.5, score_weighting="none")
 
 
 def _json_error(path: Path) -> str | None:
@@ -231,13 +260,17 @@ def load_unpaired_dataset(
     label_column: str = "label",
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
+    weight_column: str = "weight",
+    score_column: str = "score",
     desirable_fraction: float = 1.0,
     undesirable_fraction: float = 1.0,
     seed: int = 0,
+    scores: Any = None,
 ) -> Dataset:
     """Load `dataset_name` with [`load_raw_dataset`] and return it through [`prepare_unpaired`]."""
     # Every keyword after dataset_config is passed on unchanged; collect them before any other local exists.
     options = {k: v for k, v in locals().items() if k not in ("dataset_name", "split", "dataset_config")}
+    options["name"] = split
     text_columns = [prompt_column, completion_column, chosen_column, rejected_column]
     dataset = load_raw_dataset(dataset_name, split=split, dataset_config=dataset_config, text_columns=text_columns)
     return prepare_unpaired(dataset, **options)

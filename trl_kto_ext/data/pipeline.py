@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from trl_kto_ext.models import TINY_DATASET
 
-COLUMNS = ("prompt", "completion", "label", "chosen", "rejected")
+COLUMNS = ("prompt", "completion", "label", "chosen", "rejected", "weight", "score")
 
 
 class PreparedData(NamedTuple):
@@ -33,6 +33,7 @@ def prepare_datasets(
     streaming: bool = False,
     seed: int = 0,
     tiny_rows: tuple[int, int] = (2048, 256),
+    scores: Any = None,
 ) -> PreparedData:
     """Train and eval rows of `dataset_name` for KTOExtTrainer, as the `trl-kto-ext` command prepares them.
 
@@ -43,6 +44,8 @@ def prepare_datasets(
     `eval_fraction` of the prompts held out (`eval_split.train_eval_split`); (5) keep `desirable_fraction` /
     `undesirable_fraction` of each class (`loading.subsample_class`). `TINY_DATASET` gives the embedded addition
     data and its held-out prompts instead. With `streaming` the rows are read lazily, mapped and decoded row by row.
+    A `score` column without labels is labelled in step 2 by the `label_mode`, `desirable_threshold` and
+    `score_weighting` of `scores` (the training config); with streaming, by the trainer.
 
     Raises `FileNotFoundError` or `ValueError` naming the problem and the fix.
     """
@@ -64,7 +67,9 @@ def prepare_datasets(
     from trl_kto_ext.data.loading import logger as data_logger
     from trl_kto_ext.data.validation import check_dataset
 
-    load = functools.partial(load_unpaired_dataset, dataset_name, dataset_config=dataset_config, seed=seed, **mapping)
+    load = functools.partial(
+        load_unpaired_dataset, dataset_name, dataset_config=dataset_config, seed=seed, scores=scores, **mapping
+    )
     eval_set = None
     with _quiet(data_logger):  # a one-class training set is reported once, by the trainer
         train = load(split=split)  # steps 1 and 2

@@ -20,6 +20,8 @@ from trl_kto_ext.data.labels import decode_labels
 from trl_kto_ext.data.messages import check_rendered, structure_problem
 from trl_kto_ext.data.rows import more_rows as _more_rows
 from trl_kto_ext.data.rows import row_ref
+from trl_kto_ext.data.weights import WEIGHT, check_weights
+from trl_kto_ext.logprobs.humanline import check_setup as check_reference_sync
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ def check_before_setup(model, args, trainer_kwargs: dict[str, Any]) -> int | Non
     """Checks run before TRL's set-up touches the data; returns the model's number of input embedding rows."""
     if trainer_kwargs.get("train_dataset") is not None:
         check_not_empty(trainer_kwargs["train_dataset"], "train")
+    check_reference_sync(model, args, trainer_kwargs.get("peft_config"))  # humanline / sync_ref_model with LoRA
     ensure_pad_token(trainer_kwargs.get("processing_class"))
     return embedding_rows(model, args)
 
@@ -180,6 +183,9 @@ def check_dataset(dataset, processing_class, name: str) -> None:
     text_columns = _check_columns(columns, values, name)
     if "completion" in text_columns:
         check_labels(values("label"), name)
+    if WEIGHT in columns:  # finite, >= 0; a training class that weighs 0 in all its rows is refused
+        whole_train = name == "train" and "label" in columns and isinstance(dataset, Dataset)  # not a stream's sample
+        check_weights(values(WEIGHT), name, values("label") if whole_train else None)
     if _check_text(text_columns, values, name) and processing_class is not None:
         check_chat_template(processing_class, name)
         extra = [c for c in ("prompt", "tools", "chat_template_kwargs") if c in columns and c not in text_columns]

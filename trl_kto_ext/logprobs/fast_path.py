@@ -78,6 +78,16 @@ class FastPath:
         return out.log_probs.sum(-1)
 
     @torch.no_grad()
+    def token_logps(self, model, batch, keys) -> torch.Tensor | None:
+        """Per-token completion log-probs [B, T-1] of the rows named by `keys` (zero outside the completion), no
+        gradient, length-bucketed; None where the fast path does not apply (humanline's per-token reference)."""
+        if not self._usable(model, batch, keys):
+            return None
+        return logps.completion_logps(
+            model, *(batch[k] for k in keys), bucket_overhead_tokens=self._overhead(False)
+        ).log_probs
+
+    @torch.no_grad()
     def shared_prompt_logps(self, model, prompts, completions, padded: Callable[[], torch.Tensor]):
         """Summed completion log-probs [B, K] of K completions per prompt, each prompt run once
         ([`shared_prompt.shared_prompt_logps`]); None where that does not apply to `model` (the caller runs the

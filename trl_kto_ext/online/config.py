@@ -100,5 +100,11 @@ class OnlineKTOConfig(KTOExtConfig):
             )
         if self.kl_pairing != "batch":
             raise ValueError("Online KTO pairs the KL rows inside each sampled batch: `kl_pairing` must be 'batch'.")
+        if self.score_weighting != "none" or self.truncation_mode != "keep_start":
+            raise ValueError(
+                "score_weighting and truncation_mode apply to offline datasets (a `score` column; long tokenized "
+                "prompts); online KTO labels its own samples and renders each prompt once: leave them at their "
+                "defaults ('none', 'keep_start')."
+            )
         if self.reward_weights is not None:
             self.reward_weights = [float(w) for w in self.reward_weights]

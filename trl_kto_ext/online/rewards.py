@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-LABEL_MODES = ("threshold", "relative")
+from trl_kto_ext.data.scores import LABEL_MODES, label_scores
+
+__all__ = ["LABEL_MODES", "call_reward_func", "combine_rewards", "label_rewards", "load_reward_funcs"]
 
 
 def load_reward_funcs(reward_funcs, model_init_kwargs: dict[str, Any] | None = None) -> list[Any]:
@@ -151,7 +153,8 @@ def label_rewards(
 ) -> list[bool | None]:
     """Desirable (True) / undesirable (False) labels from rewards; None for a row left out.
 
-    `rewards` holds consecutive groups of `group_size` completions of one prompt each.
+    `rewards` holds consecutive groups of `group_size` completions of one prompt each. The rule is
+    [`trl_kto_ext.data.scores.label_scores`], shared with offline data labelled from a `score` column:
     - `"threshold"`: desirable iff reward >= threshold (a verifier's 1/0 with threshold 0.5). No row is left out.
     - `"relative"`: desirable iff reward > the mean reward of its own group; a reward equal to the mean (a tie) is
       undesirable. A group whose rewards are all equal carries no preference and is left out (None for every row).
@@ -160,14 +163,4 @@ def label_rewards(
         raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {mode!r}.")
     if len(rewards) % group_size:
         raise ValueError(f"got {len(rewards)} rewards, not a multiple of the group size {group_size}.")
-    if mode == "threshold":
-        return [float(r) >= threshold for r in rewards]
-    labels: list[bool | None] = []
-    for start in range(0, len(rewards), group_size):
-        group = [float(r) for r in rewards[start : start + group_size]]
-        if max(group) == min(group):
-            labels.extend([None] * len(group))
-            continue
-        mean = math.fsum(group) / len(group)
-        labels.extend(r > mean for r in group)
-    return labels
+    return label_scores(rewards, [i // group_size for i in range(len(rewards))], mode, threshold)

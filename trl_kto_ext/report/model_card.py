@@ -36,7 +36,8 @@ print(generator("{{ example_prompt }}", max_new_tokens=32, return_full_text=Fals
 - Loss aversion ({{ loss_aversion_mode }}): λ_D = {{ lambda_d }}, λ_U = {{ lambda_u }}, n_D = {{ n_d }}, n_U = {{ n_u }},
   λ_D·n_D / (λ_U·n_U) = {{ ratio }} (the paper advises [1, 4/3])
 - KL pairing for z0: `{{ kl_pairing }}`; sampler: `{{ sampler }}`
-- Steps: {{ steps }}, learning rate {{ learning_rate }}, per-device batch size {{ batch_size }}, gradient accumulation
+{% for line in feature_lines %}- {{ line }}
+{% endfor %}- Steps: {{ steps }}, learning rate {{ learning_rate }}, per-device batch size {{ batch_size }}, gradient accumulation
   {{ grad_accum }}, {{ precision }}{% if peft %}, LoRA adapters (reference = base model with adapters off){% endif %}
 
 ### Final metrics
@@ -104,6 +105,36 @@ def _fmt(value: Any) -> str:
 
 def _last(history: list[dict], key: str) -> Any:
     return next((entry[key] for entry in reversed(history) if key in entry), None)
+
+
+def feature_lines(trainer) -> list[str]:
+    """Card lines for the settings that change what is trained on: per-row weights, labels from scores, prompt
+    truncation, humanline and reference sync (none when they are at their defaults)."""
+    args, aversion, lines = trainer.args, trainer.loss_aversion, []
+    columns = getattr(trainer.train_dataset, "column_names", None) or []
+    if getattr(aversion, "weighted", False):
+        lines.append(
+            f"Per-row weights (`weight` column): weighted class mass W_D = {aversion.mass_desirable:.6g}, W_U = "
+            f"{aversion.mass_undesirable:.6g}; loss = sum w·λ_y·(1 − v) / sum w"
+        )
+    if "score" in columns:
+        rule = f"`label_mode={args.label_mode!r}`"
+        if args.label_mode == "threshold":
+            rule += f", desirable_threshold = {args.desirable_threshold:g}"
+        lines.append(f"Labels from the `score` column: {rule}, score_weighting `{args.score_weighting}`")
+    if getattr(args, "truncation_mode", "keep_start") != "keep_start":
+        lines.append(f"Truncation: `{args.truncation_mode}` (long prompts keep their end; completions kept whole)")
+    if getattr(args, "humanline", False):
+        lines.append(
+            f"Humanline (arXiv 2509.24207): per-token log-ratio clamped to [{args.humanline_log_epsilon_P:g}, "
+            f"{args.humanline_log_epsilon_R:g}]"
+        )
+    if getattr(args, "sync_ref_model", False):
+        lines.append(
+            f"Reference synced to the policy every {args.ref_model_sync_steps} steps "
+            f"(π_ref = {args.ref_model_mixup_alpha:g}·π_θ + {1 - args.ref_model_mixup_alpha:g}·π_ref)"
+        )
+    return lines
 
 
 def _base_model(trainer) -> str:
@@ -190,6 +221,7 @@ def create_model_card(
         if aversion.missing_class is None
         else f"undefined (no {aversion.missing_class} rows)",
         kl_pairing=getattr(args, "kl_pairing", "batch"),
+        feature_lines=feature_lines(self),
         sampler=args.train_sampling_strategy,
         steps=self.state.global_step,
         learning_rate=args.learning_rate,

@@ -11,6 +11,8 @@ last log, gradient accumulation included; evaluation: the whole pass):
   rows of the window minus the mean rejected reward over its undesirable rows (present whenever the window holds both
   classes, whatever the batches held).
 - `logits/chosen`, `logits/rejected`, `entropy`: means over the completion tokens of the window (of those classes).
+- `weight/desirable_mean`, `weight/undesirable_mean` (data with a `weight` column): the mean per-row weight of the
+  window's rows of each class.
 - `count/desirable`, `count/undesirable`: rows of the window; `kl`, `kl_raw`, `kl_rows`, `aux_loss`: means over its
   micro-batches (z0 is one estimate per batch); `skipped/*`: counts.
 A window without rows of a class has no metric of that class and no margin (never NaN). Training windows hold each
@@ -43,6 +45,9 @@ _COLUMNS = (
     "entropy",
     "tokens",
     "attended",
+    "weight_chosen",
+    "weight_rejected",
+    "weighted",  # rows that carried a per-row weight (0: no weight column, no weight metrics)
 )
 _TOTALS = "_row_totals"  # key of the running totals in `trainer._metrics[mode]` (cleared with the other metrics)
 # Metrics a window lacks when it has no rows of a class.
@@ -82,6 +87,7 @@ def record(trainer, mode: str, batch, labels, logps, outputs, metrics) -> None:
             entropy,
             tokens,
             batch["attention_mask"].sum(-1).float(),
+            *_weight_columns(batch, chosen, rejected),
         ],
         dim=1,
     )  # [B, len(_COLUMNS)]
@@ -98,6 +104,15 @@ def record(trainer, mode: str, batch, labels, logps, outputs, metrics) -> None:
     if trainer.calculate_KL:
         m["kl_raw"].append(metrics.kl_raw.item())
         m["kl_rows"].append(logps.kl_policy.numel())
+
+
+def _weight_columns(batch, chosen, rejected) -> list[torch.Tensor]:
+    """Per-row weight of each class and whether the row carried one (zeros without a `weight` key)."""
+    weight = batch.get("weight")
+    if weight is None:
+        return [torch.zeros_like(chosen)] * 3
+    weight = weight.detach().float().to(chosen.device)
+    return [weight * chosen, weight * rejected, torch.ones_like(chosen)]
 
 
 def summarize(trainer, mode: str) -> dict[str, float]:
@@ -172,6 +187,10 @@ def _row_means(s: dict[str, float]) -> dict[str, float]:
         out["logits/chosen"] = s["logits_chosen"] / s["tokens_chosen"]
     if s["tokens_rejected"] > 0:
         out["logits/rejected"] = s["logits_rejected"] / s["tokens_rejected"]
+    if s["weighted"] > 0 and n_chosen > 0:
+        out["weight/desirable_mean"] = s["weight_chosen"] / n_chosen
+    if s["weighted"] > 0 and n_rejected > 0:
+        out["weight/undesirable_mean"] = s["weight_rejected"] / n_rejected
     return out
 
 
