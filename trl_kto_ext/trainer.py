@@ -31,6 +31,7 @@ from trl_kto_ext.training.scoped import (
     loss_type_during_setup,
     without_trl_weight_advice,
 )
+from trl_kto_ext.training.settings_guard import SettingsReadWhenBuilt
 from trl_kto_ext.trl_internals import add_fused_lm_head, prepare_deepspeed, use_adapter
 from trl_kto_ext.vision import vision_collator, with_decoded_labels
 
@@ -148,6 +149,7 @@ class KTOExtTrainer(KTOTrainer):
         self._evaluating = 0
         self.add_callback(_LossAversionReport(self))
         self.add_callback(guards.NonFiniteStreak(self))
+        self._built_settings = SettingsReadWhenBuilt(args)  # a field read above and changed before train(): refused
 
     # ----------------------------------------------------------------------------------------------- data set-up
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -388,6 +390,10 @@ class KTOExtTrainer(KTOTrainer):
     def _get_dataloader(self, dataset, *args, is_training: bool = False, **kwargs):
         with attribute(self, "data_collator", resume.collator_for_dataloader(self, is_training, dataset)):
             return super()._get_dataloader(dataset, *args, is_training=is_training, **kwargs)
+
+    def train(self, *args, **kwargs):
+        self._built_settings.check(self.args)
+        return super().train(*args, **kwargs)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
