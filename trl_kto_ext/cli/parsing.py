@@ -170,6 +170,16 @@ def new_parser(dataclass_types: tuple, prog: str | None, usage: str, description
     return parser
 
 
+def config_path(argv: list[str]) -> str | None:
+    """The file given with `--config FILE` / `--config=FILE` in `argv`, else None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.partition("=")[2]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def parse_args(argv: list[str], parser: TrlParser) -> tuple[Any, ...]:
     """(script_args, training_args, model_args, print_config), from `--config FILE` and flags like `trl kto`."""
     args = list(argv)
