@@ -16,6 +16,7 @@ from trl_kto_ext.collator import KTOExtCollator, keep_kl_rows
 from trl_kto_ext.config import as_ext_config
 from trl_kto_ext.data import sampling, validation
 from trl_kto_ext.data.unpairing import as_unpaired
+from trl_kto_ext.library_messages import setup_warnings_silenced
 from trl_kto_ext.logprobs import ref_cache, reference
 from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
 from trl_kto_ext.logprobs.reference import HostReference, frozen_copy
@@ -24,6 +25,7 @@ from trl_kto_ext.loss_aversion import LossAversion, loss_aversion_for
 from trl_kto_ext.pairing import add_dataset_kl_pairing
 from trl_kto_ext.report import step_metrics
 from trl_kto_ext.training import guards, resume
+from trl_kto_ext.training.kbit_cpu import keep_4bit_layers_trainable
 from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend
 from trl_kto_ext.training.scoped import (
     activation_checkpointing_off,
@@ -106,9 +108,10 @@ class KTOExtTrainer(KTOTrainer):
         # TRL fixes KL completions while tokenizing and therefore refuses shuffled samplers and batches of one. This
         # trainer pairs at collation time, so TRL's set-up runs as for a loss without a KL term (which skips its
         # tokenization-time pairing and those checks); the real loss type is restored right after.
-        with loss_type_during_setup(args, "apo_zero_unpaired"):
+        with loss_type_during_setup(args, "apo_zero_unpaired"), setup_warnings_silenced():
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         validation.check_sharding(args, self.is_fsdp_enabled)  # FSDP asked for but not set up: stop, not plain DDP
+        keep_4bit_layers_trainable(self.model, self.ref_model)  # bitsandbytes' CPU repacking has no backward pass
         self.loss_type = args.loss_type
         self.calculate_KL = self._uses_kl
         if user_collator is None and self._is_vision_dataset:

@@ -21,6 +21,7 @@ import yaml
 from trl import TrlParser
 
 from trl_kto_ext.cli.help import HELP_TEXTS, OTHER_GROUP, GroupedHelpMixin, HelpAllAction, HelpFormatter, group_options
+from trl_kto_ext.library_messages import format_warning
 
 PROG = "trl-kto-ext"
 BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what TRL's string_to_bool accepts
@@ -241,11 +242,7 @@ def as_flags(message: str) -> str:
     return re.sub(r"(?<![\w-])split=\s?", "--dataset_train_split / --dataset_test_split ", message)
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """Warnings on the command line as one line each (no source file and line: users act on the message)."""
-    return f"{PROG}: {category.__name__}: {message}\n"
-
-
 def one_line_warnings() -> None:
-    """Python warnings printed as one line each from here on (the commands call it first)."""
-    warnings.formatwarning = _one_line_warning
+    """Python warnings printed as one line each from here on, `SOURCE: Category: message` with SOURCE the library the
+    warning comes from (`trl-kto-ext` for ours; see trl_kto_ext/library_messages.py). The commands call it first."""
+    warnings.formatwarning = format_warning
