@@ -96,11 +96,13 @@ NUMBER_RULES: dict[str, Rule] = {
     "loss_aversion_stream_rows": _hint(POSITIVE_INT, "It is the number of a stream's first rows counted."),
     "kl_pairing_seed": _optional(SEED, "Leave it unset to use `seed`."),
     "kl_subset_size": _optional(POSITIVE_INT, "It is a number of KL rows per batch; unset: all of them."),
-    "max_consecutive_nonfinite_steps": _hint(
-        POSITIVE_INT, "It is how many optimizer steps in a row may be skipped for a NaN/inf loss before the run stops."
+    "max_consecutive_nonfinite_steps": Rule(
+        _positive,
+        "a whole number of steps >= 1",
+        integer=True,
+        hint="It is how many optimizer steps in a row may be skipped for a NaN/inf loss before the run stops.",
     ),
-    # --- OnlineKTOConfig
-    "num_generations": _hint(POSITIVE_INT, "It is the number of completions sampled per prompt."),
+    # --- OnlineKTOConfig (num_generations: its own check, in OnlineKTOConfig)
     "max_completion_length": _hint(POSITIVE_INT, "It is the number of generated tokens per completion."),
     "temperature": POSITIVE,
     "top_p": Rule(lambda x: 0 < x <= 1, "a number in (0, 1]", hint="1.0 turns nucleus sampling off."),

@@ -187,6 +187,7 @@ class KTOExtTrainer(KTOTrainer):
         return super()._get_train_sampler(sampling.with_lengths(dataset, self.args, source=self.train_dataset))
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        keep_4bit_layers_trainable(self.model, self.ref_model)  # TRL precomputes inside its __init__: before that
         reference.check_reference_available(self, f"the reference log-probs of the {name!r} dataset")
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
         # Otherwise only the targets' are: the KL rows change with every batch, so theirs are computed per step.

@@ -67,7 +67,7 @@ BAD_NUMBERS = [
     ("dataloader_num_workers", "-1", "`dataloader_num_workers` must be a whole number >= 0, got -1."),
     ("kl_subset_size", "0", "`kl_subset_size` must be a whole number >= 1 (or unset), got 0."),
     ("loss_aversion_stream_rows", "0", f"`loss_aversion_stream_rows` {WHOLE}, got 0."),
-    ("max_consecutive_nonfinite_steps", "0", f"`max_consecutive_nonfinite_steps` {WHOLE}, got 0."),
+    ("max_consecutive_nonfinite_steps", "0", "`max_consecutive_nonfinite_steps` must be a whole number of steps >= 1, got 0."),
     ("precompute_ref_batch_size", "0", "`precompute_ref_batch_size` must be a whole number >= 1 (or unset), got 0."),
 ]  # fmt: skip
 
@@ -77,7 +77,7 @@ ONLINE_BAD_NUMBERS = [
     ("top_p", "0", "`top_p` must be a number in (0, 1], got 0.0. 1.0 turns nucleus sampling off."),
     ("top_p", "1.5", "`top_p` must be a number in (0, 1], got 1.5."),
     ("top_k", "-1", "`top_k` must be a whole number >= 0, got -1. 0 turns top-k sampling off."),
-    ("num_generations", "0", f"`num_generations` {WHOLE}, got 0."),
+    ("num_generations", "0", "`num_generations` must be an integer >= 1 (completions sampled per prompt), got 0."),
     ("max_completion_length", "0", f"`max_completion_length` {WHOLE}, got 0."),
     ("desirable_threshold", "nan", "`desirable_threshold` must be a finite number, got nan."),
     ("loss_aversion_window", "0", f"`loss_aversion_window` {WHOLE}, got 0."),

@@ -13,6 +13,7 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_kto_ext import KTOExtConfig, KTOExtTrainer
 from trl_kto_ext.models.tiny import make_kto_dataset
+from trl_kto_ext.training.kbit_cpu import keep_4bit_layers_trainable
 from trl_kto_ext.training.peft_utils import check_kbit_backend
 
 QLORA_STEPS = 24
@@ -54,12 +55,14 @@ def quantization_config(device):
 
 
 def load_4bit_base(model_dir, device):
-    return AutoModelForCausalLM.from_pretrained(
+    base = AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=quantization_config(device),
         dtype=COMPUTE_DTYPE[device],
         device_map={"": device},
     ).eval()
+    keep_4bit_layers_trainable(base)  # the kernels the trainer runs (bitsandbytes' CPU repacking kept off)
+    return base
 
 
 def lora_config():
