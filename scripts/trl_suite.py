@@ -460,7 +460,9 @@ def results(report: Path) -> list[dict]:
 
 def summarize(entries: list[dict], label: str) -> str:
     counts = {k: sum(e["outcome"] == k for e in entries) for k in ("passed", "failed", "error", "skipped")}
-    lines = [f"{label}: " + ", ".join(f"{v} {k}" for k, v in counts.items())]
+    bad = [e["name"].split("::")[-1].split("[")[0] for e in entries if e["outcome"] in ("failed", "error")]
+    known = f" ({sum(b in DELIBERATE for b in bad)} deliberate, {sum(b in HARNESS for b in bad)} harness)"
+    lines = [f"{label}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + (known if bad else "")]
     for entry in entries:
         if entry["outcome"] in ("failed", "error"):
             base = entry["name"].split("::")[-1].split("[")[0]
