@@ -40,6 +40,10 @@ class KTOExtConfig(KTOConfig):
       sampler works (TRL requires `"sequential"`).
     - `bf16` left unset is on where a bf16-capable accelerator (or `use_cpu=True`) is present and off otherwise,
       so the default config also works on a machine without a GPU (TRL's raises there unless `use_cpu` is set).
+    - A field set after construction (`args.desirable_weight = 3.5`) counts as if given to the constructor: a trainer
+      re-derives every resolved setting from the fields when it starts ([`~KTOExtConfig.refresh`]), and refuses a
+      value the constructor refuses. Every numeric field is checked for NaN, inf, sign and range
+      (trl_kto_ext/config_numbers.py).
 
     Args:
         loss_aversion (`str`, defaults to `"auto"`):
@@ -243,8 +247,11 @@ class KTOExtConfig(KTOConfig):
         Raises:
             ValueError: a value set after construction that the constructor would refuse (same message).
         """
+        resolved = self.__dict__.get("_resolved")
+        if resolved is None:  # e.g. unpickled from a version that kept no record: nothing to compare with
+            return self
         current = self._field_values()
-        changed = {k for k, v in current.items() if not _same(v, self._resolved.get(k))}
+        changed = {k for k, v in current.items() if not _same(v, resolved.get(k))}
         if not changed:
             return self
         values = {k: current[k] if k in changed else self._given[k] for k in current}

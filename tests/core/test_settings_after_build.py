@@ -167,3 +167,16 @@ def test_field_read_when_built_and_changed_on_the_trainer_is_refused_at_train(sm
     trainer.train()
     assert trainer.state.global_step == 1
     assert trainer.optimizer.param_groups[0]["initial_lr"] == 5e-4
+
+
+def test_a_config_saved_and_loaded_again_is_refreshed(tmp_path):
+    import torch
+
+    args = cpu_args(tmp_path)
+    torch.save(args, tmp_path / "training_args.bin")  # as the Trainer saves it next to each checkpoint
+    loaded = torch.load(tmp_path / "training_args.bin", weights_only=False)
+    loaded.desirable_weight = 2.0
+    with pytest.warns(UserWarning, match="loss_aversion is 'manual'"):
+        assert loaded.refresh().loss_aversion == "manual"
+    del loaded.__dict__["_resolved"]  # saved by a version that kept no record: left as it is
+    assert loaded.refresh() is loaded
