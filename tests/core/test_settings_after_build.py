@@ -180,3 +180,17 @@ def test_a_config_saved_and_loaded_again_is_refreshed(tmp_path):
         assert loaded.refresh().loss_aversion == "manual"
     del loaded.__dict__["_resolved"]  # saved by a version that kept no record: left as it is
     assert loaded.refresh() is loaded
+
+
+def test_online_config_fields_set_later_are_checked_again(tmp_path):
+    from trl_kto_ext import OnlineKTOConfig
+
+    args = OnlineKTOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8, num_generations=4)
+    args.num_generations = 3  # 8 completions cannot be split into groups of 3
+    with pytest.raises(
+        ValueError, match=r"^`per_device_train_batch_size` \(8\) counts completions and must be a multiple"
+    ):
+        args.refresh()
+    args.num_generations, args.temperature = 4, float("inf")
+    with pytest.raises(ValueError, match=r"^`temperature` must be a positive finite number, got inf\.$"):
+        args.refresh()
