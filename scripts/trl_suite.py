@@ -34,8 +34,6 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
 HUB = "trl-internal-testing"
@@ -48,6 +46,11 @@ DELIBERATE = {
     "test_train_model_dtype": "fp16 weights at learning_rate 0.1 diverge at step 4: TRL trains on into NaN weights "
     "(the test passes because NaN differs from the old values); KTOExtTrainer stops with NonFiniteLossError "
     "(on_nonfinite_loss='raise')",
+}
+# Known open faults of KTOExtTrainer that a test of the suite shows (shown next to the failure while they are open).
+OPEN = {
+    "test_fully_truncated_completion_examples_dropped": "one class left after the max_length drop is refused; TRL "
+    "trains (issue 17, section 1a)",
 }
 # Failures of this offline harness, not of the trainer: they fail the same way with TRL's own classes here.
 HARNESS = {
@@ -313,27 +316,28 @@ def load_dataset(path, name=None, split=None, streaming=False, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------- testing_utils
-class TrlTestCase:
-    """Base class of the suite's test classes: `self.tmp_dir`, a fresh folder per test."""
+# The suite's `from .testing_utils import ...`, written next to it: TrlTestCase gives each test a fresh `self.tmp_dir`;
+# the `require_*` markers skip a test when its package is missing; the vision tests are skipped (no tiny VLM here).
+TESTING_UTILS = """import importlib.util
 
+import pytest
+
+
+class TrlTestCase:
     @pytest.fixture(autouse=True)
     def _tmp_dir(self, tmp_path):
         self.tmp_dir = str(tmp_path)
 
 
-def _require(module: str, reason: str):
-    import importlib.util
-
+def _require(module, reason):
     return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=reason)
 
 
 require_peft = _require("peft", "peft is not installed")
 require_bitsandbytes = _require("bitsandbytes", "bitsandbytes is not installed")
 require_liger_kernel = _require("liger_kernel", "liger-kernel is not installed")
-
-
-def require_vision(obj):
-    return pytest.mark.skip(reason="needs tiny vision-language checkpoints, not built by this offline harness")(obj)
+require_vision = pytest.mark.skip(reason="needs tiny vision-language checkpoints, not built by this offline harness")
+"""
 
 
 # ------------------------------------------------------------------------------------------------- harness
@@ -427,9 +431,7 @@ def run(tests: Path, workdir: Path, ours: bool, extra: list[str]) -> Path:
     suite = workdir / ("ours" if ours else "trl")
     suite.mkdir(parents=True, exist_ok=True)
     (suite / "test_kto_trainer.py").write_text(transform(tests.read_text(), models, ours))
-    (suite / "testing_utils.py").write_text(
-        "from trl_suite import TrlTestCase, require_bitsandbytes, require_liger_kernel, require_peft, require_vision\n"
-    )
+    (suite / "testing_utils.py").write_text(TESTING_UTILS)
     conftest = CONFTEST.format(scripts=str(SCRIPTS), root=str(ROOT))
     (suite / "conftest.py").write_text(conftest if ours else conftest + TRL_BF16)
     report = suite / "report.xml"
@@ -468,6 +470,7 @@ def summarize(entries: list[dict], label: str) -> str:
             base = entry["name"].split("::")[-1].split("[")[0]
             note = f"  [deliberate: {DELIBERATE[base]}]" if base in DELIBERATE else ""
             note = f"  [harness: {HARNESS[base]}]" if base in HARNESS else note
+            note = f"  [open: {OPEN[base]}]" if base in OPEN else note
             lines.append(f"  {entry['outcome'].upper()} {entry['name']}: {entry['message']}{note}")
     return "\n".join(lines)
 

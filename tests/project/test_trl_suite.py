@@ -1,15 +1,19 @@
 """scripts/trl_suite.py, the offline harness that runs TRL's KTO test suite against our classes: the class swap, the
 datasets and models it builds in place of the Hub, and the chat template's prefix property TRL's tokenization needs."""
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from datasets import IterableDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import trl_suite  # noqa: E402
+# Loaded from its file, so that scripts/ does not join sys.path for the other tests.
+_SPEC = importlib.util.spec_from_file_location(
+    "trl_suite", Path(__file__).resolve().parents[2] / "scripts" / "trl_suite.py"
+)
+trl_suite = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(trl_suite)
 
 SOURCE = """from datasets import Dataset, load_dataset
 from trl import KTOConfig, KTOTrainer
