@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 
+from trl_kto_ext.training.library_messages import quiet_library_logs
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_library_logs()  # before transformers / peft / bitsandbytes are imported
     if argv and argv[0] == "plot":  # reads a JSON file and draws it: no torch needed
         from trl_kto_ext.report.plotting import main as plot_main
 

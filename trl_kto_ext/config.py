@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
+import copy
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import KTOConfig
 
 from trl_kto_ext.data.sampling import STRATEGIES
 from trl_kto_ext.data.scores import LABEL_MODES, SCORE_WEIGHTINGS
 from trl_kto_ext.training import options
+from trl_kto_ext.training.config_numbers import check_numbers
 from trl_kto_ext.training.feature_options import (
     HUMANLINE_LOG_EPSILON,
     HUMANLINE_SYNC_STEPS,
@@ -47,6 +49,10 @@ class KTOExtConfig(KTOConfig):
       sampler works (TRL requires `"sequential"`).
     - `bf16` left unset is on where a bf16-capable accelerator (or `use_cpu=True`) is present and off otherwise,
       so the default config also works on a machine without a GPU (TRL's raises there unless `use_cpu` is set).
+    - A field set after construction (`args.desirable_weight = 3.5`) counts as if given to the constructor: a trainer
+      re-derives every resolved setting from the fields when it starts ([`~KTOExtConfig.refresh`]), and refuses a
+      value the constructor refuses. Every numeric field is checked for NaN, inf, sign and range
+      (trl_kto_ext/training/config_numbers.py).
 
     Args:
         loss_aversion (`str`, defaults to `"auto"`):
@@ -278,7 +284,9 @@ class KTOExtConfig(KTOConfig):
     )
 
     def __post_init__(self):
+        given = self._field_values()  # before anything is resolved: `refresh` re-derives from these
         resolve_reference_sync(self)  # TRL's sync fields left unset: TRL's defaults, or humanline's
+        check_numbers(self)  # NaN, inf, sign, range: one line naming the field (before TrainingArguments' own checks)
         # TRL's default gradient_checkpointing=True would make transformers warn (deprecated alias) on every config;
         # a value the user gave under the old name still gets transformers' warning.
         if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:
@@ -306,9 +314,6 @@ class KTOExtConfig(KTOConfig):
                 "advises lambda_D * n_D / (lambda_U * n_U) between 1 and 4/3. Pick a value in that range, or set "
                 "loss_aversion='manual' and give desirable_weight/undesirable_weight yourself."
             )
-        for name in ("desirable_weight", "undesirable_weight"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"`{name}` must be a positive number, got {getattr(self, name)!r}.")
         if self.loss_aversion == "auto" and (self.desirable_weight != 1.0 or self.undesirable_weight != 1.0):
             warnings.warn(
                 f"desirable_weight={self.desirable_weight} / undesirable_weight={self.undesirable_weight} were given, "
@@ -322,16 +327,8 @@ class KTOExtConfig(KTOConfig):
                 f"`train_sampling_strategy` must be one of {', '.join(map(repr, STRATEGIES))}, got "
                 f"{self.train_sampling_strategy!r}."
             )
-        if int(self.loss_aversion_stream_rows) < 1:
-            raise ValueError(
-                f"`loss_aversion_stream_rows` must be a positive number of rows, got {self.loss_aversion_stream_rows}."
-            )
         if self.kl_pairing not in ("batch", "dataset"):
             raise ValueError(f"`kl_pairing` must be 'batch' or 'dataset', got {self.kl_pairing!r}.")
-        if self.kl_subset_size is not None and int(self.kl_subset_size) < 1:
-            raise ValueError(f"`kl_subset_size` must be a positive number of rows or None, got {self.kl_subset_size}.")
-        if self.beta <= 0:
-            raise ValueError(f"`beta` must be positive, got {self.beta}.")
         if self.on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"`on_nonfinite_loss` must be 'raise' or 'skip', got {self.on_nonfinite_loss!r}.")
         limit = self.max_consecutive_nonfinite_steps
@@ -341,13 +338,52 @@ class KTOExtConfig(KTOConfig):
                 "optimizer steps in a row may be skipped for a NaN/inf loss before the run stops."
             )
         check_features(self)  # scores to labels, truncation, humanline and reference sync
+        self._given, self._resolved = given, self._field_values()
+
+    def _field_values(self) -> dict:
+        # Shallow copies of lists and dicts, so that one changed in place after construction counts as changed.
+        return {f.name: copy.copy(getattr(self, f.name)) for f in fields(self) if f.init}
+
+    def refresh(self) -> KTOExtConfig:
+        """Re-derive every resolved setting from the fields as they are now; the trainers call it when they start.
+
+        A field set after construction (`args.desirable_weight = 3.5`) counts as if it had been given to the
+        constructor: the settings derived from it (loss_aversion "auto" -> "manual", bf16 left unset, the mixed
+        precision transformers derives from bf16/fp16, activation_checkpointing and its old name, ...) are derived
+        again and every check runs again. Nothing changed: nothing happens. Returns `self`, updated in place.
+
+        Raises:
+            ValueError: a value set after construction that the constructor would refuse (same message).
+        """
+        resolved = self.__dict__.get("_resolved")
+        if resolved is None:  # e.g. unpickled from a version that kept no record: nothing to compare with
+            return self
+        current = self._field_values()
+        changed = {k for k, v in current.items() if not _same(v, resolved.get(k))}
+        if not changed:
+            return self
+        values = {k: current[k] if k in changed else self._given[k] for k in current}
+        if not changed & {"loss_aversion", "desirable_weight", "undesirable_weight"}:
+            values["loss_aversion"] = current["loss_aversion"]  # resolved already; its warning was given then
+        fresh = type(self)(**values)
+        self.__dict__.clear()  # nothing stale is kept: `bf16_from_default`, the cached device, `mixed_precision`
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+
+def _same(a, b) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # a value without a plain equality
+        return False
 
 
 def as_ext_config(args: KTOConfig | None, model) -> KTOExtConfig:
-    """`args` as a `KTOExtConfig`: itself; a default one named after the model when None; a plain `trl.KTOConfig`'s
-    values with the added fields at their defaults. Raises TypeError for anything else."""
+    """`args` as a `KTOExtConfig`: itself, refreshed (`KTOExtConfig.refresh`); a default one named after the model
+    when None; a plain `trl.KTOConfig`'s values with the added fields at their defaults. Raises TypeError for anything
+    else, ValueError for a field set after construction to a value the constructor refuses."""
     if isinstance(args, KTOExtConfig):
-        return args
+        return args.refresh()  # fields set after construction are honoured (or refused) as if given to it
     if args is None:
         name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
         return KTOExtConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-KTO")

@@ -29,14 +29,17 @@ from trl_kto_ext.pairing import SINGLE_PROMPT_NOTE, add_dataset_kl_pairing, sing
 from trl_kto_ext.report import step_metrics
 from trl_kto_ext.report.start import StartReport
 from trl_kto_ext.training import guards, options, resume
-from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend, keep_4bit_layers_differentiable
+from trl_kto_ext.training.kbit_cpu import keep_4bit_layers_trainable
+from trl_kto_ext.training.library_messages import setup_warnings_silenced
+from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend
 from trl_kto_ext.training.scoped import (
     activation_checkpointing_off,
     attribute,
     loss_type_during_setup,
     without_trl_weight_advice,
 )
-from trl_kto_ext.trl_internals import add_fused_lm_head, prepare_deepspeed, use_adapter
+from trl_kto_ext.training.settings_guard import SettingsReadWhenBuilt
+from trl_kto_ext.trl_internals import use_adapter
 from trl_kto_ext.vision import vision_collator, with_decoded_labels
 
 logger = logging.getLogger(__name__)
@@ -98,10 +101,10 @@ class KTOExtTrainer(KTOTrainer):
         # TRL fixes KL completions while tokenizing and therefore refuses shuffled samplers and batches of one. This
         # trainer pairs at collation time, so TRL's set-up runs as for a loss without a KL term (which skips its
         # tokenization-time pairing and those checks); the real loss type is restored right after.
-        with loss_type_during_setup(args, "apo_zero_unpaired"):
+        with loss_type_during_setup(args, "apo_zero_unpaired"), setup_warnings_silenced():
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         validation.check_sharding(args, self.is_fsdp_enabled)  # FSDP asked for but not set up: stop, not plain DDP
-        keep_4bit_layers_differentiable(self.model)  # bitsandbytes' CPU eval repacking would cut the gradient
+        keep_4bit_layers_trainable(self.model, self.ref_model)  # bitsandbytes' CPU repacking has no backward pass
         self.loss_type = args.loss_type
         self.calculate_KL = self._uses_kl
         if user_collator is None and self._is_vision_dataset:
@@ -123,26 +126,13 @@ class KTOExtTrainer(KTOTrainer):
                 fallback_dataset=self.train_dataset,  # a stream: its first rows, read by their own iterator
                 use_dataset_pairing=args.kl_pairing == "dataset",
             )
-        if self.ref_model is None and self._kl_reference_needed_per_step() and not is_peft_model(self.model):
-            # TRL frees the reference once it is cached; the KL rows of a per-batch pairing still need it each step.
-            # Nothing has trained yet, so a copy of the policy is the reference.
-            self.ref_model = frozen_copy(self.model)
-            add_fused_lm_head(self.ref_model)
-            if self.is_deepspeed_enabled:
-                self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
-            else:
-                self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
-        elif self.ref_model is None and reference.can_keep_host_reference(self):
-            # Every training reference log-prob is cached, so TRL keeps no reference; but evaluation KL rows and
-            # datasets given later to `evaluate`/`predict` still need one. Nothing has trained yet: keep a copy of the
-            # policy in host memory, moved to the device only during those passes.
-            self._host_reference = HostReference(self.model)
-            add_fused_lm_head(self._host_reference.model)
+        reference.keep_a_reference(self)  # the KL rows or evaluation still need one when the targets' are cached
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._evaluating = 0
         step_metrics.check_best_metric(self)  # metric_for_best_model that a one-class eval set cannot report
         self.add_callback(StartReport(self))
         self.add_callback(guards.NonFiniteStreak(self))
+        self._built_settings = SettingsReadWhenBuilt(args)  # a field read above and changed before train(): refused
 
     # ----------------------------------------------------------------------------------------------- data set-up
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -189,8 +179,8 @@ class KTOExtTrainer(KTOTrainer):
         return super()._get_train_sampler(sampling.with_lengths(dataset, self.args, source=self.train_dataset))
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        keep_4bit_layers_trainable(self.model, self.ref_model)  # TRL precomputes inside its __init__: before that
         reference.check_reference_available(self, f"the reference log-probs of the {name!r} dataset")
-        keep_4bit_layers_differentiable(self.model)  # TRL precomputes during its set-up, in eval mode
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
         # Otherwise only the targets' are: the KL rows change with every batch, so theirs are computed per step.
         cache_kl = self._uses_kl and "KL_completion_ids" in dataset.column_names
@@ -379,6 +369,10 @@ class KTOExtTrainer(KTOTrainer):
     def _get_dataloader(self, dataset, *args, is_training: bool = False, **kwargs):
         with attribute(self, "data_collator", resume.collator_for_dataloader(self, is_training, dataset)):
             return super()._get_dataloader(dataset, *args, is_training=is_training, **kwargs)
+
+    def train(self, *args, **kwargs):
+        self._built_settings.check(self.args)
+        return super().train(*args, **kwargs)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)

@@ -13,7 +13,8 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_kto_ext import KTOExtConfig, KTOExtTrainer
 from trl_kto_ext.models.tiny import make_kto_dataset
-from trl_kto_ext.training.peft_utils import check_kbit_backend, keep_4bit_layers_differentiable
+from trl_kto_ext.training.kbit_cpu import keep_4bit_layers_trainable
+from trl_kto_ext.training.peft_utils import check_kbit_backend
 
 QLORA_STEPS = 24
 QLORA_ROWS = 16  # a small set seen several times at a high learning rate: the loss must go down
@@ -54,14 +55,14 @@ def quantization_config(device):
 
 
 def load_4bit_base(model_dir, device):
-    model = AutoModelForCausalLM.from_pretrained(
+    base = AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=quantization_config(device),
         dtype=COMPUTE_DTYPE[device],
         device_map={"": device},
     ).eval()
-    keep_4bit_layers_differentiable(model)  # the 4-bit kernel training uses (no CPU inference repacking)
-    return model
+    keep_4bit_layers_trainable(base)  # the kernels the trainer runs (bitsandbytes' CPU repacking kept off)
+    return base
 
 
 def lora_config():

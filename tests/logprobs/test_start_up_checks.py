@@ -112,8 +112,8 @@ def test_4bit_layers_keep_their_gradient_through_evaluation(tmp_path, tiny_defau
     with torch.no_grad():
         looked_at(input_ids=torch.tensor([[1, 5, 6, 7]]))
     if repacked_layers(looked_at):  # this CPU repacks: the trainer names the cause and the fix
-        with pytest.raises(ValueError, match=r"4-bit layers were repacked by bitsandbytes for CPU inference .* Load "
-                           r"the model again and create the trainer before running the model"):  # fmt: skip
+        with pytest.raises(ValueError, match=r"4-bit layers of the model .* were repacked by bitsandbytes for its CPU "
+                           r"inference kernel.* Load the model again and pass it to the trainer before running it"):  # fmt: skip
             _qlora_trainer(looked_at, tokenizer, tmp_path / "c")
 
 

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 
+import os
 import sys
 from dataclasses import dataclass, field, fields
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from trl_kto_ext.cli.help import help_groups
-from trl_kto_ext.cli.parsing import PROG, _fail, as_flags, format_config, new_parser, one_line_warnings, parse_args
+from trl_kto_ext.cli.parsing import (
+    PROG,
+    _fail,
+    as_flags,
+    config_path,
+    format_config,
+    new_parser,
+    one_line_warnings,
+    parse_args,
+)
 from trl_kto_ext.cli.run import resolve_model_path
 from trl_kto_ext.models import TINY_DATASET, TINY_MODEL
 from trl_kto_ext.online.config import OnlineKTOConfig
@@ -28,8 +38,9 @@ class OnlineScriptArguments(ScriptArguments):
     reward_funcs: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "Reward functions: dotted paths to callables (e.g. trl_kto_ext.models.tiny.exact_answer_reward) or "
-            "names/paths of sequence-classification reward models."
+            "help": "Reward functions: dotted paths to callables (e.g. trl_kto_ext.models.tiny.exact_answer_reward; "
+            "a module that is not installed is found as MODULE.py next to the --config file or in the working "
+            "directory) or names/paths of sequence-classification reward models."
         },
     )
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts."})
@@ -85,18 +96,30 @@ def load_prompt_dataset(script_args, seed: int):
     return dataset, None
 
 
-def train(script_args, training_args, model_args, command: list[str] | None = None) -> str:
-    """Run online KTO as configured; returns the output_dir. `command` (argv) is recorded in the model card."""
+def train(
+    script_args, training_args, model_args, command: list[str] | None = None, config_dir: str | None = None
+) -> str:
+    """Run online KTO as configured; returns the output_dir. `command` (argv) is recorded in the model card. A reward
+    function's module that is not installed is looked for in `config_dir` (the --config file's folder), then in the
+    working directory."""
     from trl_kto_ext.cli.run import run
+    from trl_kto_ext.online.rewards import import_reward_function, is_dotted_path
     from trl_kto_ext.online.trainer import OnlineKTOTrainer
 
     if not script_args.reward_funcs:
         _fail("no reward function: set reward_funcs (e.g. [trl_kto_ext.models.tiny.exact_answer_reward]).")
+    search_dirs = [d for d in (config_dir, os.getcwd()) if d]
+    try:
+        reward_funcs = [
+            import_reward_function(f, search_dirs) if is_dotted_path(f) else f for f in script_args.reward_funcs
+        ]
+    except ValueError as err:
+        _fail(str(err))
     resolve_model_path(model_args.model_name_or_path, build_tiny=False)  # a wrong path fails before data loading
     prompts, heldout = load_prompt_dataset(script_args, training_args.seed)
     return run(
         OnlineKTOTrainer, script_args, training_args, model_args, command, heldout, method="online KTO",
-        reward_funcs=list(script_args.reward_funcs), train_dataset=prompts,
+        reward_funcs=reward_funcs, train_dataset=prompts,
     )  # fmt: skip
 
 
@@ -107,5 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if print_config:
         print(format_config(script_args, training_args, model_args), end="")
         return 0
-    train(script_args, training_args, model_args, command=[PROG, "online", *argv])
+    config = config_path(argv)
+    config_dir = os.path.dirname(os.path.abspath(config)) if config else None
+    train(script_args, training_args, model_args, command=[PROG, "online", *argv], config_dir=config_dir)
     return 0

@@ -21,6 +21,7 @@ import yaml
 from trl import TrlParser
 
 from trl_kto_ext.cli.help import HELP_TEXTS, OTHER_GROUP, GroupedHelpMixin, HelpAllAction, HelpFormatter, group_options
+from trl_kto_ext.training.library_messages import format_warning
 
 PROG = "trl-kto-ext"
 BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what TRL's string_to_bool accepts
@@ -170,6 +171,16 @@ def new_parser(dataclass_types: tuple, prog: str | None, usage: str, description
     return parser
 
 
+def config_path(argv: list[str]) -> str | None:
+    """The file given with `--config FILE` / `--config=FILE` in `argv`, else None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.partition("=")[2]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def parse_args(argv: list[str], parser: TrlParser) -> tuple[Any, ...]:
     """(script_args, training_args, model_args, print_config), from `--config FILE` and flags like `trl kto`."""
     args = list(argv)
@@ -231,11 +242,7 @@ def as_flags(message: str) -> str:
     return re.sub(r"(?<![\w-])split=\s?", "--dataset_train_split / --dataset_test_split ", message)
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """Warnings on the command line as one line each (no source file and line: users act on the message)."""
-    return f"{PROG}: {category.__name__}: {message}\n"
-
-
 def one_line_warnings() -> None:
-    """Python warnings printed as one line each from here on (the commands call it first)."""
-    warnings.formatwarning = _one_line_warning
+    """Python warnings printed as one line each from here on, `SOURCE: Category: message` with SOURCE the library the
+    warning comes from (`trl-kto-ext` for ours; see trl_kto_ext/training/library_messages.py). The commands call it first."""
+    warnings.formatwarning = format_warning

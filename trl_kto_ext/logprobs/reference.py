@@ -140,3 +140,26 @@ def needs_reference_copy(model, args, peft_config) -> bool:
     if args.precompute_ref_log_probs and (args.kl_pairing == "dataset" or args.loss_type == "apo_zero_unpaired"):
         return False  # every reference log-prob is cached before training: no reference model is kept
     return not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def keep_a_reference(trainer) -> None:
+    """After TRL's set-up, gives `trainer` the reference it still needs when TRL kept none (its reference log-probs
+    are cached): a live frozen copy when the KL rows of a per-batch pairing need it each step, else a copy in host
+    memory for evaluation KL rows and datasets given later to `evaluate`/`predict`. Nothing has trained yet, so a copy
+    of the policy is the reference."""
+    from accelerate.utils import is_peft_model
+
+    from trl_kto_ext.trl_internals import add_fused_lm_head, prepare_deepspeed
+
+    if trainer.ref_model is not None:
+        return
+    if trainer._kl_reference_needed_per_step() and not is_peft_model(trainer.model):
+        ref = frozen_copy(trainer.model)
+        add_fused_lm_head(ref)
+        if trainer.is_deepspeed_enabled:
+            trainer.ref_model = prepare_deepspeed(ref, trainer.accelerator)
+        else:
+            trainer.ref_model = trainer.accelerator.prepare_model(ref, evaluation_mode=True)
+    elif can_keep_host_reference(trainer):
+        trainer._host_reference = HostReference(trainer.model)
+        add_fused_lm_head(trainer._host_reference.model)

@@ -6,6 +6,7 @@ import importlib
 import math
 import numbers
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,12 +17,15 @@ from trl_kto_ext.data.scores import LABEL_MODES, label_scores
 __all__ = ["LABEL_MODES", "call_reward_func", "combine_rewards", "label_rewards", "load_reward_funcs"]
 
 
-def load_reward_funcs(reward_funcs, model_init_kwargs: dict[str, Any] | None = None) -> list[Any]:
+def load_reward_funcs(
+    reward_funcs, model_init_kwargs: dict[str, Any] | None = None, search_dirs: Sequence[str] | None = None
+) -> list[Any]:
     """Reward functions as a list of callables and `nn.Module` reward models.
 
-    Each entry may be a callable, a dotted path to one (`"package.module.function"`), a sequence-classification model,
-    or the name/path of one (loaded with `AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)`, as
-    TRL's GRPOTrainer does). Raises ValueError for an empty list and for a string that is neither.
+    Each entry may be a callable, a dotted path to one (`"package.module.function"`, see [`import_reward_function`];
+    `search_dirs` defaults to the working directory), a sequence-classification model, or the name/path of one (loaded
+    with `AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)`, as TRL's GRPOTrainer does).
+    Raises ValueError for an empty list and for a string that is neither.
     """
     items = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
     if reward_funcs is None or not items:
@@ -29,27 +33,90 @@ def load_reward_funcs(reward_funcs, model_init_kwargs: dict[str, Any] | None = N
             "Online KTO needs at least one reward function (`reward_funcs`): a callable "
             "`f(prompts, completions, **kwargs) -> list[float]`, a dotted path to one, or a reward model."
         )
-    return [_load_one(item, model_init_kwargs or {}) for item in items]
+    dirs = [os.getcwd()] if search_dirs is None else list(search_dirs)
+    return [_load_one(item, model_init_kwargs or {}, dirs) for item in items]
 
 
-def _load_one(item, model_init_kwargs: dict[str, Any]):
+def is_dotted_path(item) -> bool:
+    """True for a string read as `module.function` rather than a reward model's name or path."""
+    return (
+        isinstance(item, str)
+        and bool(item.rpartition(".")[0])
+        and "/" not in item
+        and not os.path.exists(os.path.expanduser(item))
+    )
+
+
+def import_reward_function(item: str, search_dirs: Sequence[str] = ()) -> Callable:
+    """The callable at the dotted path `item` (`"module.function"`, `"package.module.function"`).
+
+    Imported as usual; when its top-level module is not importable, it is looked for as `<module>.py` (or a package
+    folder `<module>/`) in `search_dirs`, in order (the CLI gives the folder of its --config file, then the working
+    directory). A folder it is found in is appended to `sys.path` (last, so it never shadows an installed module),
+    so that the module's own imports of the files next to it work too.
+
+    Raises:
+        ValueError: the module is found nowhere (naming the folders searched), raises while it is imported, or has
+            no callable of that name (naming a same-named file in `search_dirs` shadowed by an installed module).
+    """
+    module_name, _, attr = item.rpartition(".")
+    top = module_name.split(".")[0]
+    dirs = [os.path.abspath(d) for d in dict.fromkeys(search_dirs)]
+    local = next((d for d in dirs if _holds_module(d, top)), None)
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            missing_is_ours = err.name is not None and (module_name + ".").startswith(err.name + ".")
+            if not missing_is_ours or local is None or err.name != top:
+                raise
+            if local not in sys.path:
+                sys.path.append(local)
+            importlib.invalidate_caches()
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (module_name + ".").startswith(err.name + "."):
+            where = ", ".join(dirs) if dirs else "no folder"
+            raise ValueError(
+                f"Cannot import the reward function {item!r}: no module named {err.name!r} is installed, and there is "
+                f"no {top}.py (or {top}/ package) in {where}. Put {top}.py next to your config file or in the working "
+                "directory, or give a dotted path importable from this environment (e.g. "
+                "trl_kto_ext.models.tiny.exact_answer_reward)."
+            ) from err
+        raise ValueError(
+            f"Importing the reward module {module_name!r} failed: {err}. Install what it imports."
+        ) from err
+    except Exception as err:  # a syntax error or an exception raised by the module's own code
+        raise ValueError(
+            f"Importing the reward module {module_name!r} raised {type(err).__name__}: {err}. Fix the module."
+        ) from err
+    func = getattr(module, attr, None)
+    if not callable(func):
+        source = getattr(module, "__file__", None) or module_name
+        shadowed = (
+            f" Your {top}.py in {local} is not the module imported: rename it (an installed module has that name)."
+            if local is not None and not os.path.abspath(str(source)).startswith(local + os.sep)
+            else ""
+        )
+        raise ValueError(
+            f"Reward function {item!r}: module {module_name!r} ({source}) has no callable named {attr!r}.{shadowed}"
+        )
+    return func
+
+
+def _holds_module(folder: str, name: str) -> bool:
+    return os.path.isfile(os.path.join(folder, f"{name}.py")) or os.path.isfile(
+        os.path.join(folder, name, "__init__.py")
+    )
+
+
+def _load_one(item, model_init_kwargs: dict[str, Any], search_dirs: Sequence[str]):
     if not isinstance(item, str):
         if isinstance(item, torch.nn.Module) or callable(item):
             return item
         raise ValueError(f"A reward function must be a callable, a dotted path or a reward model; got {item!r}.")
-    module_name, _, attr = item.rpartition(".")
-    if module_name and "/" not in item and not os.path.exists(os.path.expanduser(item)):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ValueError(
-                f"Cannot import the reward function {item!r}: {err}. Give a dotted path `package.module.function` "
-                "importable from the current environment (e.g. trl_kto_ext.models.tiny.exact_answer_reward)."
-            ) from err
-        func = getattr(module, attr, None)
-        if not callable(func):
-            raise ValueError(f"Reward function {item!r}: module {module_name!r} has no callable named {attr!r}.")
-        return func
+    if is_dotted_path(item):
+        return import_reward_function(item, search_dirs)
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(item, num_labels=1, **model_init_kwargs).eval()

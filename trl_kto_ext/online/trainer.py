@@ -25,8 +25,7 @@ from trl_kto_ext.online.rewards import (
 )
 from trl_kto_ext.online.rolling_loss_aversion import RollingLossAversion
 from trl_kto_ext.trainer import KTOExtTrainer
-from trl_kto_ext.training.scoped import attribute
-from trl_kto_ext.trl_internals import disable_gradient_checkpointing
+from trl_kto_ext.training.scoped import activation_checkpointing_off, attribute
 from trl_kto_ext.trl_internals import tokenize_row as _tokenize
 
 # Dataset columns that are not passed to reward functions as keyword arguments (GRPOTrainer's list).
@@ -206,7 +205,7 @@ class OnlineKTOTrainer(KTOExtTrainer):
         was_training = model.training
         model.eval()
         try:
-            with disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
+            with activation_checkpointing_off(model, args.gradient_checkpointing_kwargs):
                 out = model.generate(
                     input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_completion_length,

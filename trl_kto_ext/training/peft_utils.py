@@ -105,33 +105,3 @@ def without_bitsandbytes() -> Iterator[None]:
         for name in ("is_bnb_available", "is_bnb_4bit_available"):
             with contextlib.suppress(AttributeError):
                 getattr(peft_imports, name).cache_clear()
-
-
-def keep_4bit_layers_differentiable(model) -> int:
-    """Keeps every 4-bit bitsandbytes layer of `model` (the model being trained) in the layout its backward needs;
-    returns how many layers it applies to.
-
-    On CPUs with AVX512-BF16, bitsandbytes (0.46+) repacks a `Linear4bit` weight in place on its first no-grad
-    forward in eval mode (an evaluation, a `generate`): later forwards use a kernel with no backward, so the gradient
-    stops at every such layer (torch only warns "may lead to silently incorrect behavior"), and some shapes are
-    refused (`N must be divisible by block_n`). This turns that repacking off for the rest of the run.
-
-    Raises:
-        ValueError: layers were repacked already (the model ran in eval mode before the trainer got it); that layout
-            cannot be undone exactly (bitsandbytes rounds the scales to bf16 when it repacks).
-    """
-    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-    repacked = sum(
-        bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)) for m in layers
-    )
-    if repacked:
-        raise ValueError(
-            f"{repacked} of the model's {len(layers)} 4-bit layers were repacked by bitsandbytes for CPU inference "
-            "(a no-grad forward in eval mode, e.g. `generate` or a forward right after `from_pretrained`, before the "
-            "trainer got the model); in that layout they have no backward, so no gradient would reach the layers "
-            "below them. Load the model again and create the trainer before running the model: from then on the "
-            "trainer keeps the trainable layout, evaluation and generation included."
-        )
-    for module in layers:
-        module.support_avx512bf16_for_cpu = False
-    return len(layers)
