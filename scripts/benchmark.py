@@ -234,9 +234,10 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--model",
-        choices=["llama", "qwen2-0.5b"],
+        choices=["llama", "smollm2-135m", "qwen2-0.5b"],
         default="llama",
-        help="'llama': the preset's small Llama; 'qwen2-0.5b': Qwen2-0.5B's shape, random weights (for a GPU)",
+        help="'llama': the preset's small Llama; 'smollm2-135m': SmolLM2-135M's shape (30 layers, hidden 576, vocabulary "
+        "49152, random weights), the real-shape preset; 'qwen2-0.5b': Qwen2-0.5B's shape, random weights (for a GPU)",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--kl-subset-size", type=int, default=2, help="KL rows per batch in the ext_fastest arm")

@@ -77,6 +77,14 @@ def arms_for(kl_subset_size: int, batch_size: int) -> list[Arm]:
             no_grad_forwards=3,
         ),
         Arm(
+            "ext_precompute",
+            "KTOExtTrainer precompute_ref_log_probs (rest default)",
+            "ext",
+            precompute=True,
+            passes="1 fwd+bwd + 1 fwd (policy KL)",
+            no_grad_forwards=1,
+        ),
+        Arm(
             "ext_cached",
             "KTOExtTrainer cached ref, dataset pairing (shuffled)",
             "ext",
@@ -155,10 +163,31 @@ QWEN2_05B = dict(
 )
 
 
+# SmolLM2-135M's shape with random weights (the real-shape preset): 134.5M parameters, 30 layers, tied embeddings,
+# vocabulary 49152 like the real model's; short rows of 5-40 tokens like a real feedback log's turns.
+SMOLLM2_135M = dict(
+    arch="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    intermediate_size=1536,
+    tie_word_embeddings=True,
+    prompt_len=(5, 40),
+    completion_len=(5, 40),
+    max_length=96,
+    warmup_steps=1,
+    steps=6,
+)
+
+
 def settings_from_args(args) -> dict:
     preset = dict(PRESETS["quick" if args.quick else "full"])
     if getattr(args, "model", "llama") == "qwen2-0.5b":
         preset.update(QWEN2_05B)
+    if getattr(args, "model", "llama") == "smollm2-135m" and not args.quick:
+        preset.update(SMOLLM2_135M)
     if getattr(args, "shape", "short") == "chat":
         preset.update(CHAT_SHAPES["quick" if args.quick else "full"], length_dist="lognormal", aggregate="mean")
         preset["warmup_steps"] = 0
@@ -266,10 +295,10 @@ def build_model(settings: dict, tokenizer):
         hidden_size=settings["hidden_size"],
         num_hidden_layers=settings["num_layers"],
         num_attention_heads=settings["num_heads"],
-        num_key_value_heads=settings["num_heads"],
+        num_key_value_heads=settings.get("num_kv_heads", settings["num_heads"]),
         intermediate_size=settings["intermediate_size"],
         max_position_embeddings=max(512, settings["max_length"]),
-        tie_word_embeddings=False,
+        tie_word_embeddings=settings.get("tie_word_embeddings", False),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
