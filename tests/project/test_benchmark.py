@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 SCRIPT = ROOT / "scripts" / "benchmark.py"
-ARMS = ["sft", "trl_default", "trl_precompute", "ext_default", "ext_cached", "ext_fastest"]
-PRECOMPUTE_ARMS = {"trl_precompute", "ext_cached", "ext_fastest"}
+ARMS = ["sft", "trl_default", "trl_precompute", "ext_default", "ext_precompute", "ext_cached", "ext_fastest"]
+PRECOMPUTE_ARMS = {"trl_precompute", "ext_precompute", "ext_cached", "ext_fastest"}
 
 
 def _finite(value) -> bool:

@@ -101,7 +101,8 @@ def check_setup(model, args, peft_config) -> None:
     adapters into the base weights and restarting them every few steps (inexact on a quantized base, and the
     optimizer's adapter state would refer to weights that no longer exist). Humanline's clamp alone works with LoRA.
     """
-    if not getattr(args, "sync_ref_model", False) or (peft_config is None and not is_peft_model(model)):
+    is_lora = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))  # a str: a model path
+    if not getattr(args, "sync_ref_model", False) or not is_lora:
         return
     why = "humanline=True syncs" if getattr(args, "humanline", False) else "sync_ref_model=True syncs"
     raise ValueError(
