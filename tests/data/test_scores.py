@@ -174,3 +174,35 @@ def test_online_config_refuses_offline_only_settings(tmp_path):
         OnlineKTOConfig(**base, score_weighting="distance")
     with pytest.raises(ValueError, match="score_weighting and truncation_mode apply to offline datasets"):
         OnlineKTOConfig(**base, truncation_mode="keep_end")
+
+
+def test_a_threshold_outside_the_scores_is_refused_not_one_class(tmp_path):
+    """Ratings 2-5 with the default threshold 0.5 would make every row desirable without a word: refused, naming
+    the range and the fix."""
+    from datasets import Dataset
+
+    from trl_kto_ext import KTOExtConfig
+    from trl_kto_ext.data.scores import labels_from_scores
+
+    data = Dataset.from_dict(
+        {"prompt": ["a", "b", "c", "d"], "completion": ["1", "2", "3", "4"], "score": [2, 3, 4, 5]}
+    )
+    args = KTOExtConfig(output_dir=str(tmp_path), use_cpu=True)
+    with pytest.raises(ValueError, match=r"from 2 to 5\) is at or above desirable_threshold=0.5, so every row would be "
+                       r"desirable: set desirable_threshold inside the scores' range"):  # fmt: skip
+        labels_from_scores(data, args)
+    args = KTOExtConfig(output_dir=str(tmp_path), use_cpu=True, desirable_threshold=4)
+    assert labels_from_scores(data, args, report=lambda _: None)["label"] == [False, False, True, True]
+
+
+def test_score_settings_on_labelled_data_are_refused_not_ignored(tmp_path):
+    from datasets import Dataset
+
+    from trl_kto_ext import KTOExtConfig
+    from trl_kto_ext.data.scores import labels_from_scores
+
+    data = Dataset.from_dict({"prompt": ["a", "b"], "completion": ["1", "2"], "label": [True, False]})
+    args = KTOExtConfig(output_dir=str(tmp_path), use_cpu=True, desirable_threshold=3.0)
+    with pytest.raises(ValueError, match=r"desirable_threshold=3.0: score settings.* has no scores .* ignored"):
+        labels_from_scores(data, args)
+    assert labels_from_scores(data, KTOExtConfig(output_dir=str(tmp_path), use_cpu=True)) is data

@@ -111,6 +111,8 @@ def labels_from_scores(dataset, args, name: str = "train", report=None):
         return dataset
     columns = dataset.column_names or list(next(iter(dataset), {}))
     if SCORE not in columns or "label" in columns or {"chosen", "rejected"} <= set(columns):
+        if name == "train" and SCORE not in columns:  # (scores labelled already by the loader keep their column)
+            _check_unused_score_settings(args)
         return dataset
     mode, threshold = args.label_mode, float(args.desirable_threshold)
     weighting = getattr(args, "score_weighting", "none")
@@ -138,6 +140,15 @@ def labels_from_scores(dataset, args, name: str = "train", report=None):
     labels = label_scores(scores, groups, mode, threshold)
     kept = [row for row, label in enumerate(labels) if label is not None]
     n_desirable = sum(1 for label in labels if label is True)
+    low, high = min(map(float, scores)), max(map(float, scores))
+    if mode == "threshold" and len(scores) > 1 and low < high and not low < threshold <= high:
+        side = "at or above" if threshold <= low else "below"
+        raise ValueError(
+            f"Every score of the {name} dataset (from {low:g} to {high:g}) is {side} desirable_threshold={threshold:g}, "
+            f"so every row would be {'desirable' if threshold <= low else 'undesirable'}: set desirable_threshold "
+            "inside the scores' range (--desirable_threshold), or use label_mode='relative' (better than the other "
+            "completions of the same prompt)."
+        )
     n_left_out = len(labels) - len(kept)
     if not kept:
         raise ValueError(
@@ -164,6 +175,21 @@ def labels_from_scores(dataset, args, name: str = "train", report=None):
         f"{len(kept) - n_desirable} undesirable, {n_left_out} left out{why}{weighted}."
     )
     return dataset
+
+
+def _check_unused_score_settings(args) -> None:
+    """A score setting changed from its default on data without a `score` column would be silently ignored: refuse."""
+    changed = [
+        f"{field}={getattr(args, field)!r}"
+        for field, default in (("label_mode", "threshold"), ("desirable_threshold", 0.5), ("score_weighting", "none"))
+        if getattr(args, field, default) != default
+    ]
+    if changed and type(args).__name__ != "OnlineKTOConfig":  # online KTO labels its samples' rewards with them
+        raise ValueError(
+            f"{', '.join(changed)}: score settings, which turn a `score` column into labels, but the training data "
+            "has no scores (it has labels, or pairs), so they would be ignored. Remove them, or give a score column "
+            "(--score_column NAME) instead of labels."
+        )
 
 
 def _say(message: str) -> None:
