@@ -283,7 +283,7 @@ def build_tiny_default(
 ) -> TinyDefault:
     """Pretrain the tiny base model once and cache it under `cache_dir`; later calls only read the cache.
 
-    With `verbose` it says on stderr what it builds and where (with a progress bar; about a minute on one CPU core),
+    With `verbose` it says on stderr what it builds and where (with a progress bar; about 40 s of CPU time),
     or, on later calls, the one line "Using the cached tiny model at ...".
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -295,7 +295,7 @@ def build_tiny_default(
     if verbose:
         print(
             f"Building the tiny default model once (a 0.5M-parameter Llama and a character tokenizer, pretrained for "
-            f"{PRETRAIN_STEPS} steps on noisy addition, about a minute on one CPU core); it is cached at {final}",
+            f"{PRETRAIN_STEPS} steps on noisy addition, about 40 s of CPU time); it is cached at {final}",
             file=sys.stderr,
             flush=True,
         )
