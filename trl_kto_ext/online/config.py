@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trl_kto_ext.config import KTOExtConfig
+from trl_kto_ext.online.one_class import ONE_CLASS_MODES
 from trl_kto_ext.online.rewards import LABEL_MODES
 
 
@@ -33,6 +34,11 @@ class OnlineKTOConfig(KTOExtConfig):
             samples all have the same reward is left out of the step (it carries no preference).
         desirable_threshold (`float`, defaults to `0.5`):
             The threshold of `"threshold"` labels.
+        one_class (`str`, defaults to `"skip"`):
+            `"skip"`: a prompt whose `num_generations` samples all got the same label is left out of the step (as GRPO
+            gives such a group zero advantage), and a step left with no desirable or no undesirable row makes no
+            update; both are counted (`count/one_class_prompts`, `skipped/no_preference_steps`) and said once per
+            run. `"train"`: every labelled row is trained, each against z0, as offline. See `online.one_class`.
         loss_aversion_window (`int`, defaults to `16`):
             With `loss_aversion="auto"`, lambda_D = target * n_U / n_D over the labelled completions of the last
             `loss_aversion_window` steps (the current one included), lambda_U = 1.
@@ -57,6 +63,15 @@ class OnlineKTOConfig(KTOExtConfig):
     desirable_threshold: float = field(
         default=0.5, metadata={"help": "Reward at or above which a sample is desirable."}
     )
+    one_class: str = field(
+        default="skip",
+        metadata={
+            "help": "'skip': a prompt whose samples all got one label is left out of the step, and a step left with no "
+            "desirable or no undesirable sample makes no update (counted, said once). 'train': train on them as "
+            "offline.",
+            "choices": list(ONE_CLASS_MODES),
+        },
+    )
     loss_aversion_window: int = field(
         default=16, metadata={"help": "Steps whose label counts set lambda_D in 'auto' loss aversion."}
     )
@@ -70,6 +85,8 @@ class OnlineKTOConfig(KTOExtConfig):
             )
         if self.label_mode not in LABEL_MODES:
             raise ValueError(f"`label_mode` must be one of {LABEL_MODES}, got {self.label_mode!r}.")
+        if self.one_class not in ONE_CLASS_MODES:
+            raise ValueError(f"`one_class` must be one of {ONE_CLASS_MODES}, got {self.one_class!r}.")
         if self.label_mode == "relative" and self.num_generations < 2:
             raise ValueError(
                 "label_mode='relative' compares the samples of one prompt with each other and needs num_generations "
