@@ -21,10 +21,11 @@ from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
 from trl_kto_ext.logprobs.reference import HostReference, frozen_copy
 from trl_kto_ext.loss import apo_zero_unpaired_loss, kto_loss
 from trl_kto_ext.loss_aversion import LossAversion, loss_aversion_for
+from trl_kto_ext.models.gguf import resolve_gguf
 from trl_kto_ext.pairing import add_dataset_kl_pairing
 from trl_kto_ext.report import step_metrics
 from trl_kto_ext.training import guards, resume
-from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend
+from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend, keep_4bit_backward_on_cpu
 from trl_kto_ext.training.scoped import (
     activation_checkpointing_off,
     attribute,
@@ -90,6 +91,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
         args = as_ext_config(args, model)
+        model, from_gguf = resolve_gguf(model, args, kwargs)  # a GGUF file trains and saves as a normal model
         if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
             check_kbit_backend(args.device.type)  # a clear message before any weights are loaded
         self._vocab_rows = validation.check_before_setup(model, args, kwargs)  # empty train set, pad token
@@ -105,9 +107,13 @@ class KTOExtTrainer(KTOTrainer):
         # TRL fixes KL completions while tokenizing and therefore refuses shuffled samplers and batches of one. This
         # trainer pairs at collation time, so TRL's set-up runs as for a loss without a KL term (which skips its
         # tokenization-time pairing and those checks); the real loss type is restored right after.
-        with loss_type_during_setup(args, "apo_zero_unpaired"):
+        with (
+            loss_type_during_setup(args, "apo_zero_unpaired"),
+            attribute(args, "model_init_kwargs", None if from_gguf else args.model_init_kwargs),
+        ):  # the GGUF kwargs were used above: TRL would call them ignored
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         validation.check_sharding(args, self.is_fsdp_enabled)  # FSDP asked for but not set up: stop, not plain DDP
+        keep_4bit_backward_on_cpu(self.model)  # bitsandbytes' CPU inference packing has no backward
         self.loss_type = args.loss_type
         self.calculate_KL = self._uses_kl
         if user_collator is None and self._is_vision_dataset:
@@ -183,6 +189,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         reference.check_reference_available(self, f"the reference log-probs of the {name!r} dataset")
+        keep_4bit_backward_on_cpu(self.model)  # before its first inference pass (TRL runs it during set-up)
         # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
         # Otherwise only the targets' are: the KL rows change with every batch, so theirs are computed per step.
         cache_kl = self._uses_kl and "KL_completion_ids" in dataset.column_names

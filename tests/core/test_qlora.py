@@ -13,7 +13,7 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_kto_ext import KTOExtConfig, KTOExtTrainer
 from trl_kto_ext.models.tiny import make_kto_dataset
-from trl_kto_ext.training.peft_utils import check_kbit_backend
+from trl_kto_ext.training.peft_utils import check_kbit_backend, keep_4bit_backward_on_cpu
 
 QLORA_STEPS = 24
 QLORA_ROWS = 16  # a small set seen several times at a high learning rate: the loss must go down
@@ -54,12 +54,14 @@ def quantization_config(device):
 
 
 def load_4bit_base(model_dir, device):
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=quantization_config(device),
         dtype=COMPUTE_DTYPE[device],
         device_map={"": device},
     ).eval()
+    keep_4bit_backward_on_cpu(model)  # the trainer's 4-bit kernels (not bitsandbytes' bf16 CPU inference packing)
+    return model
 
 
 def lora_config():

