@@ -148,7 +148,7 @@ def test_lora_reference_is_the_base_model(tiny_default, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                       task_type="CAUSAL_LM")  # fmt: skip
     trainer = OnlineKTOTrainer(
-        model=tiny_default.load_model(), reward_funcs=exact_answer_reward, args=online_args(tmp_path),
+        model=tiny_default.load_model(), reward_funcs=exact_answer_reward, args=online_args(tmp_path, one_class="train"),
         train_dataset=make_prompt_dataset(PROMPTS), processing_class=tiny_default.load_tokenizer(), peft_config=lora,
     )  # fmt: skip
     assert trainer.ref_model is None

@@ -52,7 +52,7 @@ def drop_one_class_groups(labels: Sequence[bool | None], group_size: int) -> Gro
 def skipped_step_message(step: int, n_desirable: int, n_undesirable: int, n_samples: int, args) -> str:
     """The line said once per run at the first step that makes no update for want of one class."""
     if n_desirable == 0 and n_undesirable == 0:
-        what = f"no prompt of step {step} had both a desirable and an undesirable sample ({n_samples} samples)"
+        what = f"no prompt of step {step} had both a desirable and an undesirable sample among its {n_samples}"
     else:
         missing = "desirable" if n_desirable == 0 else "undesirable"
         what = f"step {step} had no {missing} sample among its {n_desirable + n_undesirable} labelled samples"
@@ -62,7 +62,7 @@ def skipped_step_message(step: int, n_desirable: int, n_undesirable: int, n_samp
         else "reward above its prompt's mean"
     )
     return (
-        f"Online KTO: {what} (desirable: {bar}), so it made no update: on the policy's own samples one label carries "
+        f"Online KTO: {what} (desirable: {bar}); the step made no update: on the policy's own samples one label carries "
         "no contrast, and pushing every sample down moves probability to text the model never samples. Such steps "
         "are counted in `skipped/no_preference_steps`, prompts whose samples share one label in "
         "`count/one_class_prompts` (said once). If it repeats: lower `temperature` (samples too random to be right) "
