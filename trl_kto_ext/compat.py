@@ -30,6 +30,7 @@ SUPPORTED: dict[str, str] = {
     "matplotlib": ">=3.11.2",
     "pyyaml": ">=6.0.3",
     "packaging": ">=26.2",
+    "gguf": ">=0.19",
 }
 
 

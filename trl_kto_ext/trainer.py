@@ -25,6 +25,7 @@ from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
 from trl_kto_ext.logprobs.reference import HostReference, frozen_copy
 from trl_kto_ext.loss import apo_zero_unpaired_loss, kto_loss
 from trl_kto_ext.loss_aversion import LossAversion, loss_aversion_for
+from trl_kto_ext.models.gguf import resolve_gguf
 from trl_kto_ext.pairing import SINGLE_PROMPT_NOTE, add_dataset_kl_pairing, single_prompt
 from trl_kto_ext.report import step_metrics
 from trl_kto_ext.report.start import StartReport
@@ -85,6 +86,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
         args = as_ext_config(args, model)
+        model, from_gguf = resolve_gguf(model, args, kwargs)  # a GGUF file trains and saves as a normal model
         options.check_trainer(model, args, kwargs)  # options needing an accelerator, a package, a model feature
         if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
             check_kbit_backend(args.device.type)  # a clear message before any weights are loaded
@@ -101,7 +103,11 @@ class KTOExtTrainer(KTOTrainer):
         # TRL fixes KL completions while tokenizing and therefore refuses shuffled samplers and batches of one. This
         # trainer pairs at collation time, so TRL's set-up runs as for a loss without a KL term (which skips its
         # tokenization-time pairing and those checks); the real loss type is restored right after.
-        with loss_type_during_setup(args, "apo_zero_unpaired"), setup_warnings_silenced():
+        with (
+            loss_type_during_setup(args, "apo_zero_unpaired"),
+            setup_warnings_silenced(),
+            attribute(args, "model_init_kwargs", None if from_gguf else args.model_init_kwargs),
+        ):  # the GGUF kwargs were used above: TRL would call them ignored
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         validation.check_sharding(args, self.is_fsdp_enabled)  # FSDP asked for but not set up: stop, not plain DDP
         keep_4bit_layers_trainable(self.model, self.ref_model)  # bitsandbytes' CPU repacking has no backward pass

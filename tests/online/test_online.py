@@ -89,7 +89,7 @@ def test_relative_labels_left_out_rows_are_counted_and_not_trained(tiny_default,
 
 # --------------------------------------------------------------------------------------------------- KL pairing
 def test_kl_rows_pair_each_prompt_with_a_completion_of_another_prompt(tiny_default, tmp_path):
-    trainer = make_trainer(tiny_default, tmp_path)
+    trainer = make_trainer(tiny_default, tmp_path, one_class="train")  # every sample is a row
     checked = 0
     for _ in range(4):
         examples = trainer.sample(prompt_rows())
@@ -122,7 +122,9 @@ def test_rolling_window_arithmetic():
 
 
 def test_logged_lambda_follows_the_window_of_logged_counts(tiny_default, tmp_path):
-    trainer = make_trainer(tiny_default, tmp_path, max_steps=5, loss_aversion_window=2, loss_aversion_target=1.2)
+    # one_class="train": every labelled completion is trained (the window counts all of them).
+    trainer = make_trainer(tiny_default, tmp_path, max_steps=5, loss_aversion_window=2, loss_aversion_target=1.2,
+                           one_class="train")  # fmt: skip
     trainer.train()
     logs = [e for e in trainer.state.log_history if "lambda_D" in e]
     assert len(logs) == 5
@@ -146,7 +148,7 @@ def test_lora_reference_is_the_base_model(tiny_default, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                       task_type="CAUSAL_LM")  # fmt: skip
     trainer = OnlineKTOTrainer(
-        model=tiny_default.load_model(), reward_funcs=exact_answer_reward, args=online_args(tmp_path),
+        model=tiny_default.load_model(), reward_funcs=exact_answer_reward, args=online_args(tmp_path, one_class="train"),
         train_dataset=make_prompt_dataset(PROMPTS), processing_class=tiny_default.load_tokenizer(), peft_config=lora,
     )  # fmt: skip
     assert trainer.ref_model is None
@@ -194,9 +196,11 @@ def test_cli_config_smoke_run(tiny_default, tmp_path, capsys):
     assert [e["step"] for e in logs] == [1, 2, 3]
     for entry in logs:
         n = entry["count/desirable"] + entry["count/undesirable"]
-        assert n == 32  # per_device_train_batch_size completions, every one labelled by the verifier
-        assert entry["online/desirable_share"] == pytest.approx(entry["count/desirable"] / n)
-        assert entry["online/rewards/exact_answer_reward"] == pytest.approx(entry["count/desirable"] / n)
+        # per_device_train_batch_size completions: trained, or left out with their prompt (all 8 samples one label)
+        assert n + entry["count/left_out"] == 32
+        assert entry["count/left_out"] == 8 * entry["count/one_class_prompts"]
+        # The verifier's share of right samples, over all of them, left out or not.
+        assert entry["online/desirable_share"] == pytest.approx(entry["online/rewards/exact_answer_reward"])
     assert (out / "training_curves.png").is_file()
     card = (out / "README.md").read_text()
     last = logs[-1]  # the card's lambda and counts are those of the last step's window
@@ -281,8 +285,10 @@ def test_evaluation_samples_the_eval_prompts(tiny_default, tmp_path):
         eval_dataset=make_prompt_dataset(PROMPTS[:4]), processing_class=tiny_default.load_tokenizer(),
     )  # fmt: skip
     metrics = trainer.evaluate()
-    assert metrics["eval_count/desirable"] + metrics["eval_count/undesirable"] == 4 * 3  # 4 prompts x 3 samples
-    assert metrics["eval_online/desirable_share"] == pytest.approx(metrics["eval_count/desirable"] / 12)
+    n_trained = metrics["eval_count/desirable"] + metrics["eval_count/undesirable"]
+    assert n_trained + metrics["eval_count/left_out"] == 4 * 3  # 4 prompts x 3 samples
+    assert metrics["eval_count/left_out"] == 3 * metrics["eval_count/one_class_prompts"]
+    assert metrics["eval_online/desirable_share"] == pytest.approx(metrics["eval_online/rewards/exact_answer_reward"])
     assert math.isfinite(metrics["eval_loss"])
 
 
@@ -305,9 +311,10 @@ def test_resume_continues_the_same_samples_and_lambda_window(tiny_default, tmp_p
     assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
 
 
-def test_compare_script_quick(tiny_default, tmp_path):
+def test_compare_script_quick(tiny_default, tmp_path, monkeypatch):
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as `python scripts/online_compare.py` finds its neighbours
     spec = importlib.util.spec_from_file_location("online_compare", ROOT / "scripts" / "online_compare.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -7,7 +7,7 @@ import re
 import shutil
 from dataclasses import fields
 
-from trl_kto_ext.models import TINY_DATASET, TINY_MODEL
+from trl_kto_ext.models import SMOLLM2_MODEL, TINY_DATASET, TINY_MODEL
 
 # --help shows these groups, in this order ([`help_groups`]); every other option is listed by --help-all only.
 KTO_OPTIONS = (
@@ -28,8 +28,8 @@ HELP_TEXTS = {
     "dataset_config": "Dataset configuration name (the `name` argument of `datasets.load_dataset`).",
     "dataset_streaming": "Read the dataset lazily (an IterableDataset; max_steps is required). The loss aversion is "
     "counted from its first loss_aversion_stream_rows rows.",
-    "model_name_or_path": f"A Hub model id, a local folder, or {TINY_MODEL} (the embedded 0.5M-parameter model, built "
-    "and cached on first use).",
+    "model_name_or_path": f"A Hub model id, a local folder, {TINY_MODEL} (the embedded 0.5M-parameter model, built "
+    f"and cached on first use) or {SMOLLM2_MODEL} (SmolLM2-135M-Instruct, fetched from PyPI and converted once).",
 }
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from trl_kto_ext.cli.parsing import _fail, as_flags, format_config
 from trl_kto_ext.data.pipeline import _looks_local
-from trl_kto_ext.models import TINY_MODEL
+from trl_kto_ext.models import SMOLLM2_MODEL, TINY_MODEL
 from trl_kto_ext.training.peft_utils import check_kbit_backend
 
 
@@ -30,7 +30,8 @@ def load_model_inputs(script_args, training_args, model_args):
     user_kwargs = training_args.model_init_kwargs  # a flag gives a JSON string
     model_init_kwargs.update((json.loads(user_kwargs) if isinstance(user_kwargs, str) else user_kwargs) or {})
     training_args.model_init_kwargs = model_init_kwargs
-    tokenizer = _load_tokenizer(AutoTokenizer, model_path, hub_kwargs)
+    gguf = {"gguf_file": model_init_kwargs["gguf_file"]} if model_init_kwargs.get("gguf_file") else {}
+    tokenizer = _load_tokenizer(AutoTokenizer, model_path, {**hub_kwargs, **gguf})  # a GGUF file holds its tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = {"peft_config": get_peft_config(model_args), "quantization_config": quantization_config}
@@ -149,13 +150,23 @@ def get_kbit_device_map() -> dict[str, int] | None:
 
 
 def resolve_model_path(name: str | None, build_tiny: bool = True) -> str:
-    """The local folder of `tiny` (built and cached on first use), an existing local path, or a Hub id unchanged."""
+    """The local folder of `tiny` or `smollm2-135m-instruct` (built and cached on first use; `build_tiny=False` only
+    checks the name), an existing local path, or a Hub id unchanged."""
     if not name:
-        _fail(f"no model: set model_name_or_path (a Hub id, a local folder, or {TINY_MODEL}).")
+        _fail(f"no model: set model_name_or_path (a Hub id, a local folder, {TINY_MODEL} or {SMOLLM2_MODEL}).")
     if name == TINY_MODEL and build_tiny:
         from trl_kto_ext.models.tiny import build_tiny_default
 
         return str(build_tiny_default().model_dir)
+    if name == SMOLLM2_MODEL:
+        if not build_tiny:
+            return name
+        from trl_kto_ext.models.smollm2 import FetchError, build_smollm2
+
+        try:
+            return build_smollm2().model_dir
+        except (FetchError, ImportError) as err:
+            _fail(f"{SMOLLM2_MODEL}: {err}")
     if _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         _fail(f"model path {name} does not exist. Give an existing local folder or a Hub id like 'org/model'.")
     return os.path.expanduser(name) if _looks_local(name) else name

@@ -5,6 +5,7 @@ from __future__ import annotations
 from trl_kto_ext import compat  # noqa: F401  # isort: skip  (first: an unsupported TRL stops here with the supported range)
 
 import json
+import logging
 import math
 import os
 from typing import Any
@@ -16,6 +17,7 @@ from trl import is_conversational
 from trl_kto_ext.data.special_tokens import text_prompt_ids
 from trl_kto_ext.loss_aversion import LossAversion
 from trl_kto_ext.online.config import OnlineKTOConfig
+from trl_kto_ext.online.one_class import drop_one_class_groups, skipped_step_message, train_one_class_message
 from trl_kto_ext.online.rewards import (
     call_reward_func,
     combine_rewards,
@@ -27,6 +29,8 @@ from trl_kto_ext.online.rolling_loss_aversion import RollingLossAversion
 from trl_kto_ext.trainer import KTOExtTrainer
 from trl_kto_ext.training.scoped import activation_checkpointing_off, attribute
 from trl_kto_ext.trl_internals import tokenize_row as _tokenize
+
+logger = logging.getLogger(__name__)
 
 # Dataset columns that are not passed to reward functions as keyword arguments (GRPOTrainer's list).
 _NOT_REWARD_KWARGS = ("prompt", "completion", "completion_ids", "prompts", "completions")
@@ -178,8 +182,19 @@ class OnlineKTOTrainer(KTOExtTrainer):
             return super()._prepare_inputs(inputs)
         examples = self.sample(inputs)
         labelled = [ex for ex in examples if ex["label"] is not None]
-        if not labelled:
+        n_d = sum(ex["label"] for ex in labelled)
+        one_class = n_d == 0 or n_d == len(labelled)
+        if not labelled or (one_class and self.args.one_class == "skip"):
+            self._say_once("_said_skip", skipped_step_message(self.state.global_step + 1, n_d, len(labelled) - n_d,
+                                                              len(examples), self.args))  # fmt: skip
             return {"no_preference": True}
+        if one_class:
+            self._say_once("_said_train_one_class", train_one_class_message(self.args.loss_aversion))
+        # Left-out samples are still completions of their prompts: the KL rows may pair with them (a step whose
+        # kept rows share one prompt needs a completion of another).
+        self.kl_collator._pairs.history.extend(
+            (tuple(ex["prompt_ids"]), list(ex["completion_ids"])) for ex in examples if ex["label"] is None
+        )
         batch = self.kl_collator([{k: ex[k] for k in ("prompt_ids", "completion_ids", "label")} for ex in labelled])
         return super()._prepare_inputs(batch)
 
@@ -225,8 +240,9 @@ class OnlineKTOTrainer(KTOExtTrainer):
 
         Returns one dict per completion (prompt-major, `num_generations` per prompt) with `prompt`, `completion`
         (text, or an assistant message for chat prompts), `prompt_ids`, `completion_ids`, `reward` (weighted sum),
-        `rewards` (per function) and `label` (True/False, None when left out by `"relative"` labels), and records the
-        step's sampling metrics.
+        `rewards` (per function), `verdict` (the label its reward gives: True/False, None for a `"relative"` tie
+        group) and `label` (the label trained on: the verdict, or None when the row is left out: a tie group, or with
+        `one_class="skip"` a prompt whose samples all got one verdict), and records the step's sampling metrics.
         """
         args, group = self.args, self.args.num_generations
         prompts = [row["prompt"] for row in rows]
@@ -247,7 +263,11 @@ class OnlineKTOTrainer(KTOExtTrainer):
             for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names))
         ]
         rewards = combine_rewards(per_func, self.reward_weights, self.reward_func_names, all_prompts)
-        labels = label_rewards(rewards, group, args.label_mode, args.desirable_threshold)
+        verdicts = label_rewards(rewards, group, args.label_mode, args.desirable_threshold)
+        labels = verdicts
+        if args.one_class == "skip":
+            labels, all_d, all_u = drop_one_class_groups(verdicts, group)
+            self._metrics["train" if self.model.training else "eval"]["count/one_class_prompts"].append(all_d + all_u)
         examples = [
             {
                 "prompt": p,
@@ -257,8 +277,11 @@ class OnlineKTOTrainer(KTOExtTrainer):
                 "reward": r,
                 "rewards": [f[i] for f in per_func],
                 "label": lab,
+                "verdict": verdict,
             }  # fmt: skip
-            for i, (p, c, ids, r, lab) in enumerate(zip(all_prompts, completions, completion_ids, rewards, labels))
+            for i, (p, c, ids, r, lab, verdict) in enumerate(
+                zip(all_prompts, completions, completion_ids, rewards, labels, verdicts)
+            )
         ]
         self._record_sampling(examples, per_func)
         return examples
@@ -281,6 +304,7 @@ class OnlineKTOTrainer(KTOExtTrainer):
         m = self._metrics[mode]
         labels = [ex["label"] for ex in examples if ex["label"] is not None]
         n_d, n_u = sum(labels), len(labels) - sum(labels)
+        verdicts = [ex["verdict"] for ex in examples if ex["verdict"] is not None]
         rewards = [ex["reward"] for ex in examples]
         mean = math.fsum(rewards) / len(rewards)
         m["online/reward"].append(mean)
@@ -290,8 +314,8 @@ class OnlineKTOTrainer(KTOExtTrainer):
             if scored:
                 m[f"online/rewards/{name}"].append(math.fsum(scored) / len(scored))
         m["online/completion_length"].append(sum(len(ex["completion_ids"]) for ex in examples) / len(examples))
-        if labels:
-            m["online/desirable_share"].append(n_d / len(labels))
+        if verdicts:  # over every sample with a verdict, left out or not: how often the policy samples well
+            m["online/desirable_share"].append(sum(verdicts) / len(verdicts))
         m["count/left_out"].append(len(examples) - len(labels))
         if mode != "train":
             return
@@ -306,6 +330,12 @@ class OnlineKTOTrainer(KTOExtTrainer):
         m["window/n_undesirable"].append(resolved.n_undesirable)
         if resolved.n_desirable > 0 and resolved.n_undesirable > 0:
             m["loss_aversion_ratio"].append(resolved.ratio)
+
+    def _say_once(self, flag: str, message: str) -> None:
+        if not getattr(self, flag, False) and self.model.training:
+            setattr(self, flag, True)
+            if self.accelerator.is_main_process:
+                logger.warning(message)
 
     # ------------------------------------------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs, return_outputs):
