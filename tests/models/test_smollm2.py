@@ -283,3 +283,17 @@ def test_gguf_loaded_model_object_is_refused_at_start(gguf_folder, tmp_path):
     with pytest.raises(ValueError, match="A GGUF file cannot be loaded in 4 or 8 bits"):
         KTOExtTrainer(str(folder), args=cpu_args(tmp_path, model_init_kwargs={"gguf_file": name}),
                       train_dataset=chat_rows(), quantization_config=BitsAndBytesConfig(load_in_4bit=True))  # fmt: skip
+
+
+def test_keep_end_on_a_six_turn_conversation_with_the_real_template(tokenizer):
+    """truncation_mode="keep_end" with SmolLM2's ChatML template, which injects a default system turn: the kept ids
+    are the system turn's followed by the end of the full rendering (whole final turns), the completion untouched."""
+    from test_truncation import SYSTEM, TURNS, check_kept, render
+
+    system_ids = render(tokenizer, [SYSTEM], generation=False)
+    check_kept(tokenizer, [SYSTEM, *TURNS], [SYSTEM, *TURNS[2:]], system_ids)  # the given system turn is kept
+    # No system turn: the template injects its default one (the ids before the first user turn), which is kept.
+    first_user = render(tokenizer, TURNS[:1], generation=False)
+    injected = first_user[: first_user.index(tokenizer.convert_tokens_to_ids("<|im_start|>"), 1)]
+    assert tokenizer.decode(injected).startswith("<|im_start|>system")
+    check_kept(tokenizer, list(TURNS), TURNS[2:], injected)
