@@ -201,3 +201,14 @@ def test_module_help_runs():
     assert result.returncode == 0, result.stderr
     for text in ("--config", "--print-config", "plot OUTPUT_DIR", "--model_name_or_path", "--loss_aversion"):
         assert text in result.stdout
+
+
+def test_heldout_accuracy_only_for_the_tiny_vocabulary(tiny_tokenizer, capsys):
+    """The tiny task's exact-match accuracy is printed for the tiny model (or one trained from it) only: another model
+    answers in its own words, and its 0.000 there would be a wrong number (seen with SmolLM2 on tiny-arithmetic)."""
+    from tokenizer_shapes import adds_nothing
+
+    from trl_kto_ext.cli.run import _tiny_vocabulary
+
+    assert _tiny_vocabulary(tiny_tokenizer)
+    assert not _tiny_vocabulary(adds_nothing())
