@@ -206,9 +206,11 @@ def test_module_help_runs():
 def test_heldout_accuracy_only_for_the_tiny_vocabulary(tiny_tokenizer, capsys):
     """The tiny task's exact-match accuracy is printed for the tiny model (or one trained from it) only: another model
     answers in its own words, and its 0.000 there would be a wrong number (seen with SmolLM2 on tiny-arithmetic)."""
-    from tokenizer_shapes import adds_nothing
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     from trl_kto_ext.cli.run import _tiny_vocabulary
 
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"hi": 0, "<unk>": 1}, "<unk>")))
     assert _tiny_vocabulary(tiny_tokenizer)
-    assert not _tiny_vocabulary(adds_nothing())
+    assert not _tiny_vocabulary(other)

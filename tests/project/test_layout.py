@@ -95,6 +95,12 @@ def test_modules_are_short_and_say_what_they_are_for():
         assert doc and doc.splitlines()[0].strip(), f"{name} has no one-line purpose (module docstring)"
 
 
+def test_test_modules_have_distinct_names():
+    # Test folders have no __init__.py: two test files of one name would collide at collection.
+    names = [path.name for path in (ROOT / "tests").rglob("*.py")]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+
+
 def test_research_code_is_not_installed():
     assert not (PACKAGE / "reproduction.py").exists()
     assert (ROOT / "scripts" / "reproduction.py").is_file()
