@@ -75,7 +75,7 @@ def make_trainer(method, model, tokenizer, data, cfg, out, lr, seed):
         from trl_kto_ext import OnlineKTOConfig, OnlineKTOTrainer
 
         args = OnlineKTOConfig(**common_args(cfg, out, lr, seed), num_generations=cfg["generations"],
-                               max_completion_length=5, max_length=64, beta=cfg["beta"])  # fmt: skip
+                               max_completion_length=5, max_length=64, beta=cfg["beta"], temperature=1.0)  # fmt: skip
         return OnlineKTOTrainer(model=model, reward_funcs=tiny.exact_answer_reward, args=args,
                                 train_dataset=data["prompts"], processing_class=tokenizer)  # fmt: skip
     if method == "offline_kto":

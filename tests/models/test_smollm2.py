@@ -297,3 +297,51 @@ def test_keep_end_on_a_six_turn_conversation_with_the_real_template(tokenizer):
     injected = first_user[: first_user.index(tokenizer.convert_tokens_to_ids("<|im_start|>"), 1)]
     assert tokenizer.decode(injected).startswith("<|im_start|>system")
     check_kept(tokenizer, list(TURNS), TURNS[2:], injected)
+
+
+@pytest.mark.parametrize("command", ["offline", "online"])
+def test_smollm2_configs_run_from_the_cli(command, smol, tmp_path, capsys):
+    """The README's real-model commands: the data from `scripts/real_task.py data`, then the shipped config."""
+    import importlib.util
+    from pathlib import Path
+
+    from trl_kto_ext.__main__ import main
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("real_task", root / "scripts" / "real_task.py")
+    real_task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_task)
+    real_task.write_data(tmp_path / "data", n_rows=64)
+    data = tmp_path / "data" / ("kto.jsonl" if command == "offline" else "prompts.jsonl")
+    argv = ["--config", str(root / "configs" / f"smollm2-{command}.yaml"), "--max_steps", "1",
+            "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true"]  # fmt: skip
+    assert main(argv if command == "offline" else ["online", *argv]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()  # LoRA adapters, loaded by `real_task.py eval`
+    assert "Using the cached SmolLM2-135M-Instruct" in capsys.readouterr().err
+
+
+def test_real_task_script_quick(smol, tmp_path):
+    """scripts/real_task.py end to end on a few prompts: every arm trains, is scored and reported."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("real_task", root / "scripts" / "real_task.py")
+    real_task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_task)
+    threads = torch.get_num_threads()
+    try:
+        real_task.main(
+            ["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--threads", str(threads)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "real_task.json").read_text())
+    assert set(summary["table"]) == {"base", "online_kto", "offline_kto", "grpo"}
+    for method in ("online_kto", "offline_kto", "grpo"):
+        runs = [r for r in summary["runs"] if r["method"] == method]
+        assert summary["table"][method]["test_per_seed"] == [r["test_accuracy"] for r in runs]
+        assert all(0 <= r["val_accuracy"] <= 1 and r["seconds"] > 0 for r in runs)
+    assert summary["offline_data"]["0"]["rows"] == 8  # steps x prompts x generations: the online arms' budget
+    assert (tmp_path / "real_task.png").stat().st_size > 0
