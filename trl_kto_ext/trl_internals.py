@@ -65,11 +65,6 @@ NAMES: dict[str, tuple[str, str, str]] = {
         "prepare_deepspeed",
         "wraps a reference model for DeepSpeed as TRL's trainers do",
     ),
-    "disable_gradient_checkpointing": (
-        "trl.models.utils",
-        "disable_gradient_checkpointing",
-        "online KTO: generation with gradient checkpointing off, as TRL's online trainers sample",
-    ),
     "tokenize_row": (
         "trl.data_utils",
         "_tokenize",

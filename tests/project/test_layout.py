@@ -149,6 +149,21 @@ def test_every_seam_name_exists_in_the_installed_trl():
         assert callable(getattr(trl.KTOTrainer, hook, None)), f"KTOTrainer.{hook} is gone from TRL {trl.__version__}"
 
 
+def test_every_seam_name_is_used():
+    # A name nothing imports any more is a TRL dependency the next release would be checked for in vain.
+    from trl_kto_ext import trl_internals
+
+    imported = {
+        alias.name
+        for path in MODULES.values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module == "trl_kto_ext.trl_internals"
+        for alias in node.names
+    }
+    unused = sorted(set(trl_internals.NAMES) - imported)
+    assert not unused, f"trl_internals.py lists names no module imports: {unused}"
+
+
 def _trainer_private_names() -> set[str]:
     """Private names of trl.KTOTrainer and transformers.Trainer: class attributes and `self._x` in their sources."""
     names = {n for cls in trl.KTOTrainer.__mro__ for n in vars(cls) if n.startswith("_") and not n.startswith("__")}
