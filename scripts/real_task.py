@@ -47,7 +47,7 @@ METHODS = ("online_kto", "offline_kto", "grpo")
 LABELS = {"base": "base model", "online_kto": "online KTO", "offline_kto": "offline KTO", "grpo": "GRPO (TRL)"}
 TEST_SIZE, VAL_SIZE, SPLIT_SEED = 200, 64, 1234
 FULL = dict(steps=24, prompts_per_step=4, generations=4, max_completion_length=16, temperature=0.5, beta=0.1,
-            lr_grid=[1e-4, 3e-4, 1e-3], lora_r=16, test_size=TEST_SIZE, val_size=VAL_SIZE, dtype="float32")  # fmt: skip
+            lr_grid=[3e-5, 1e-4, 3e-4], lora_r=16, test_size=TEST_SIZE, val_size=VAL_SIZE, dtype="float32")  # fmt: skip
 QUICK = dict(steps=2, prompts_per_step=2, generations=2, max_completion_length=16, temperature=0.5, beta=0.1,
              lr_grid=[3e-4], lora_r=8, test_size=8, val_size=8, dtype="float32")  # fmt: skip
 
@@ -178,13 +178,31 @@ def offline_rows(smol, tokenizer, pairs, cfg, seed) -> tuple[Dataset, dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------- report
+def build_table(runs, base_test, sweep_seed) -> dict:
+    """Per method: the learning rate with the best validation accuracy on the sweep seed, and the held-out accuracy
+    of that rate's runs, one per seed."""
+    table = {"base": {"test_per_seed": [base_test], "lr": None}}
+    for method in METHODS:
+        sweep = [r for r in runs if r["method"] == method and r["seed"] == sweep_seed]
+        if not sweep:
+            continue
+        best = max(sweep, key=lambda r: (r["val_accuracy"], -r["lr"]))["lr"]
+        chosen = sorted((r for r in runs if r["method"] == method and r["lr"] == best and "test_accuracy" in r),
+                        key=lambda r: r["seed"])  # fmt: skip
+        table[method] = dict(lr=best, seeds=[r["seed"] for r in chosen],
+                             test_per_seed=[r["test_accuracy"] for r in chosen],
+                             val_by_lr={f"{r['lr']:g}": r["val_accuracy"] for r in sorted(sweep, key=lambda r: r["lr"])},
+                             seconds_mean=statistics.fmean(r["seconds"] for r in chosen))  # fmt: skip
+    return table
+
+
 def plot(summary, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     names = ["base", *METHODS]
     for i, name in enumerate(names):
         values = summary["table"][name]["test_per_seed"]
@@ -200,10 +218,17 @@ def plot(summary, path):
                 steps, values = zip(*r["sample_accuracy_curve"])
                 ax2.plot(steps, values, color=f"C{i}", alpha=0.8, label=LABELS[method] if r["seed"] == 0 else None)
     ax2.set(xlabel="optimizer step", ylabel="share of right sampled answers", ylim=(0, 1))
-    ax2.set_title("Sampled answers during training (online arms)")
-    for ax in (ax1, ax2):
+    ax2.set_title("Sampled answers during training (chosen rate, each seed)")
+    for i, method in enumerate(METHODS, start=1):
+        by_lr = summary["table"][method]["val_by_lr"]
+        ax3.plot([float(lr) for lr in by_lr], list(by_lr.values()), "o-", color=f"C{i}", label=LABELS[method])
+    ax3.axhline(summary["table"]["base"].get("val", float("nan")), color="C0", ls="--")
+    ax3.set(xscale="log", xlabel="learning rate (LoRA)", ylabel="greedy accuracy, validation prompts", ylim=(0, 1))
+    ax3.set_title(f"Learning-rate choice (seed {summary['sweep_seed']})")
+    for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
     ax2.legend()
+    ax3.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -273,6 +298,19 @@ def main(argv=None):
         parser.add_argument(f"--{key}", type=int, default=None, help=f"override the {key} of the setting")
     parser.add_argument("--lr_grid", type=float, nargs="+", default=None, help="override the learning-rate grid")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="override the weights' dtype")
+    parser.add_argument(
+        "--fixed_lrs",
+        nargs="+",
+        default=None,
+        metavar="METHOD=LR",
+        help="run these methods at this learning rate only (no sweep), e.g. online_kto=1e-4",
+    )
+    parser.add_argument(
+        "--append",
+        default=None,
+        metavar="JSON",
+        help="add this invocation's runs to an earlier real_task.json (same setting) and rebuild the table",
+    )
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     cfg.update({k: getattr(args, k) for k in ("steps", "prompts_per_step", "generations", "lr_grid", "dtype")
@@ -287,42 +325,55 @@ def main(argv=None):
     pairs = splits()
     pairs["test"], pairs["val"] = pairs["test"][: cfg["test_size"]], pairs["val"][: cfg["val_size"]]
     base = load_base(smol, cfg).eval()
-    base_test = accuracy(base, tokenizer, pairs["test"], cfg)
-    print(json.dumps({"base_test_accuracy": base_test, "base_val_accuracy": accuracy(base, tokenizer, pairs["val"], cfg)}),
-          flush=True)  # fmt: skip
+    base_test, base_val = accuracy(base, tokenizer, pairs["test"], cfg), accuracy(base, tokenizer, pairs["val"], cfg)
+    print(json.dumps({"base_test_accuracy": base_test, "base_val_accuracy": base_val}), flush=True)
     del base
     online_pairs = pairs["train"][: len(pairs["train"]) // 2]  # online arms sample these; offline the other half
     offline_pool = {"train": pairs["train"][len(pairs["train"]) // 2 :]}
     data = {"prompts": prompt_dataset(online_pairs), "kto_rows": {}, "offline_stats": {}}
-    results, best, table = [], {}, {"base": {"test_per_seed": [base_test], "lr": None}}
+    fixed = dict(item.split("=") for item in args.fixed_lrs or [])
+    results = []
     for method in args.methods:
         for seed in args.seeds if method == "offline_kto" else []:
             data["kto_rows"][seed], data["offline_stats"][seed] = offline_rows(
                 smol, tokenizer, offline_pool, cfg, seed
             )
+        grid = [float(fixed[method])] if method in fixed else cfg["lr_grid"]
         seed0 = args.seeds[0]
         sweep = [run(method, smol, tokenizer, data, cfg, lr, seed0, pairs, work / f"{method}-lr{lr:g}-seed{seed0}")
-                 for lr in cfg["lr_grid"]]  # fmt: skip
-        best[method] = max(sweep, key=lambda r: (r["val_accuracy"], -r["lr"]))["lr"]
-        runs = [r for r in sweep if r["lr"] == best[method]]
-        runs += [run(method, smol, tokenizer, data, cfg, best[method], s, pairs, work / f"{method}-lr{best[method]:g}-seed{s}")
+                 for lr in grid]  # fmt: skip
+        best = max(sweep, key=lambda r: (r["val_accuracy"], -r["lr"]))["lr"]
+        runs = [r for r in sweep if r["lr"] == best]
+        runs += [run(method, smol, tokenizer, data, cfg, best, s, pairs, work / f"{method}-lr{best:g}-seed{s}")
                  for s in args.seeds[1:]]  # fmt: skip
         for r in runs:  # the held-out prompts: only the chosen learning rate's runs, once each
             model = PeftModel.from_pretrained(load_base(smol, cfg), r["adapter"])
             r["test_accuracy"] = accuracy(model.eval(), tokenizer, pairs["test"], cfg)
-            print(
-                json.dumps({"method": method, "seed": r["seed"], "lr": r["lr"], "test": r["test_accuracy"]}),
-                flush=True,
-            )
+            print(json.dumps({"method": method, "seed": r["seed"], "lr": r["lr"], "test": r["test_accuracy"]}),
+                  flush=True)  # fmt: skip
         results += sweep + runs[1:]
-        table[method] = dict(lr=best[method], test_per_seed=[r["test_accuracy"] for r in runs],
-                             seconds_mean=statistics.fmean(r["seconds"] for r in runs))  # fmt: skip
-    summary = dict(config=cfg, seeds=args.seeds, base_test_accuracy=base_test, table=table, runs=results,
-                   offline_data=data["offline_stats"], total_seconds=round(time.perf_counter() - start, 1),
-                   torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                   command="python scripts/real_task.py " + " ".join(argv))  # fmt: skip
+    command = "python scripts/real_task.py " + " ".join(argv)
+    summary = dict(config=cfg, sweep_seed=args.seeds[0], base_test_accuracy=base_test, runs=results,
+                   offline_data={str(k): v for k, v in data["offline_stats"].items()}, commands=[command],
+                   wall_seconds=[round(time.perf_counter() - start, 1)], torch_threads=torch.get_num_threads(),
+                   cpu_count=os.cpu_count())  # fmt: skip
+    if args.append:  # a later invocation's runs join an earlier one's (same task, split and setting)
+        earlier = json.loads(Path(args.append).read_text())
+        same = {k: v for k, v in earlier["config"].items() if k != "lr_grid"} == {
+            k: v for k, v in cfg.items() if k != "lr_grid"
+        }
+        if not same or earlier["base_test_accuracy"] != base_test:
+            raise SystemExit(f"{args.append} was run with another setting: {earlier['config']}")
+        summary["runs"] = earlier["runs"] + results
+        summary["offline_data"] = {**earlier["offline_data"], **summary["offline_data"]}
+        summary["config"]["lr_grid"] = sorted({*earlier["config"]["lr_grid"], *cfg["lr_grid"]})
+        summary["commands"] = earlier["commands"] + summary["commands"]
+        summary["wall_seconds"] = earlier["wall_seconds"] + summary["wall_seconds"]
+        summary["sweep_seed"] = earlier["sweep_seed"]
+    table = summary["table"] = build_table(summary["runs"], base_test, summary["sweep_seed"])
+    table["base"]["val"] = base_val
     (out / "real_task.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if set(args.methods) == set(METHODS):
+    if set(table) == {"base", *METHODS}:
         plot(summary, out / "real_task.png")
     print("| method | lr | held-out accuracy, mean (per seed) | train seconds per run |")
     print("|---|---|---|---|")
@@ -331,7 +382,7 @@ def main(argv=None):
         lr = f"{row['lr']:g}" if row["lr"] else "-"
         seconds = f"{row['seconds_mean']:.0f}" if "seconds_mean" in row else "-"
         print(f"| {LABELS[name]} | {lr} | {statistics.fmean(row['test_per_seed']):.3f} ({per_seed}) | {seconds} |")
-    print(f"wrote {out / 'real_task.json'} in {summary['total_seconds']:.0f} s")
+    print(f"wrote {out / 'real_task.json'} in {summary['wall_seconds'][-1]:.0f} s")
 
 
 if __name__ == "__main__":
