@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     if name in _LAZY:
+        from trl_kto_ext.training.library_messages import quiet_library_logs
+
+        quiet_library_logs()  # before the trainers import peft, which imports bitsandbytes (its `kernels` request)
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

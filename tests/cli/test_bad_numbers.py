@@ -63,6 +63,9 @@ BAD_NUMBERS = [
     ("adam_beta1", "1", f"`adam_beta1` {FRACTION}, got 1.0."),
     ("adam_beta2", "-0.5", f"`adam_beta2` {FRACTION}, got -0.5."),
     ("adam_epsilon", "-0.1", f"`adam_epsilon` {NON_NEGATIVE}, got -0.1."),
+    ("adam_epsilon", "-1e-8", f"`adam_epsilon` {NON_NEGATIVE}, got -1e-08."),  # argparse alone takes -1e-8 for a flag
+    ("weight_decay", "-inf", f"`weight_decay` {NON_NEGATIVE}, got -inf."),
+    ("beta", "-.5", f"`beta` {POSITIVE}, got -0.5."),
     ("seed", "-1", "`seed` must be a whole number in [0, 2**32), got -1."),
     ("dataloader_num_workers", "-1", "`dataloader_num_workers` must be a whole number >= 0, got -1."),
     ("kl_subset_size", "0", "`kl_subset_size` must be a whole number >= 1 (or unset), got 0."),
@@ -83,6 +86,7 @@ ONLINE_BAD_NUMBERS = [
     ("loss_aversion_window", "0", f"`loss_aversion_window` {WHOLE}, got 0."),
     ("reward_weights", "nan", "`reward_weights` must be finite numbers, got [nan]."),
     ("learning_rate", "-1", f"`learning_rate` {POSITIVE}, got -1.0."),
+    ("learning_rate", "-2E-5", f"`learning_rate` {POSITIVE}, got -2e-05."),
 ]
 
 
@@ -148,3 +152,22 @@ def test_good_values_at_the_edges_are_accepted(tmp_path):
     assert args.max_grad_norm == 0 and args.logging_steps == 0.25
     online = OnlineKTOConfig(output_dir=str(tmp_path), use_cpu=True, top_p=1.0, top_k=0, desirable_threshold=-3.0)
     assert online.top_p == 1.0
+
+
+def test_negative_values_in_any_notation_stay_values():
+    """`--opt -1e-8` is a value (joined as `--opt=-1e-8`); a flag after a flag, or `=` forms, are left alone."""
+    from trl_kto_ext.cli.parsing import join_negative_values
+
+    assert join_negative_values(["--adam_epsilon", "-1e-8", "--beta", "-.5", "--seed", "-1"]) == [
+        "--adam_epsilon=-1e-8",
+        "--beta=-.5",
+        "--seed=-1",
+    ]
+    assert join_negative_values(["--a", "-NaN", "--b", "-Infinity"]) == ["--a=-NaN", "--b=-Infinity"]
+    assert join_negative_values(["--bf16", "--beta=-1e-3", "-x", "--c", "-e5"]) == [
+        "--bf16",
+        "--beta=-1e-3",
+        "-x",
+        "--c",
+        "-e5",
+    ]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import peft
+import pytest
 import torch
 import transformers
 
@@ -82,3 +83,13 @@ def test_a_qlora_run_prints_no_library_message_we_cause(tiny_default, tmp_path):
     if bitsandbytes.functional.has_avx512bf16():  # the import-time notice does exist on this CPU, outside the CLI
         plain = subprocess.run([sys.executable, "-c", "import bitsandbytes"], env=env, capture_output=True, text=True)
         assert "kernels-community" in plain.stdout + plain.stderr
+
+
+@pytest.mark.parametrize("name", ["KTOExtTrainer", "OnlineKTOTrainer", "KTOExtConfig"])
+def test_the_python_api_import_prints_no_request_to_install_kernels(name):
+    """`from trl_kto_ext import KTOExtTrainer` (which imports peft, hence bitsandbytes) is as quiet as the CLI."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    code = f"from trl_kto_ext import {name}"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "kernels-community" not in run.stdout + run.stderr

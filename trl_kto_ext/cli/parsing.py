@@ -181,9 +181,24 @@ def config_path(argv: list[str]) -> str | None:
     return None
 
 
+# A negative number argparse would take for an option: it only knows `-1` and `-1.5` as numbers, not `-1e-8` or `-inf`.
+_NEGATIVE_NUMBER = re.compile(r"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|-(?:inf|infinity|nan)", re.IGNORECASE)
+
+
+def join_negative_values(args: list[str]) -> list[str]:
+    """`--opt -1e-8` as `--opt=-1e-8`, so a negative value in any notation reaches the option's own range check."""
+    out = []
+    for arg in args:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.fullmatch(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def parse_args(argv: list[str], parser: TrlParser) -> tuple[Any, ...]:
     """(script_args, training_args, model_args, print_config), from `--config FILE` and flags like `trl kto`."""
-    args = list(argv)
+    args = join_negative_values(list(argv))
     i = next((i for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")), None)
     if i is not None:
         path = args.pop(i).partition("=")[2] or (args.pop(i) if i < len(args) else _fail("--config needs a file."))
