@@ -30,9 +30,9 @@ from trl_kto_ext.pairing import SINGLE_PROMPT_NOTE, add_dataset_kl_pairing, sing
 from trl_kto_ext.report import step_metrics
 from trl_kto_ext.report.start import StartReport
 from trl_kto_ext.training import guards, options, resume
-from trl_kto_ext.training.kbit_cpu import keep_4bit_layers_trainable
+from trl_kto_ext.training.kbit_layers import keep_4bit_layers_trainable
 from trl_kto_ext.training.library_messages import setup_warnings_silenced
-from trl_kto_ext.training.peft_utils import asks_for_kbit, check_kbit_backend
+from trl_kto_ext.training.peft_utils import asks_for_kbit, check_adapters_off_reference, check_kbit_backend
 from trl_kto_ext.training.scoped import (
     activation_checkpointing_off,
     attribute,
@@ -111,6 +111,7 @@ class KTOExtTrainer(KTOTrainer):
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         validation.check_sharding(args, self.is_fsdp_enabled)  # FSDP asked for but not set up: stop, not plain DDP
         keep_4bit_layers_trainable(self.model, self.ref_model)  # bitsandbytes' CPU repacking has no backward pass
+        check_adapters_off_reference(self.model, self.ref_model)  # with adapters off as reference, only they train
         self.loss_type = args.loss_type
         self.calculate_KL = self._uses_kl
         if user_collator is None and self._is_vision_dataset:

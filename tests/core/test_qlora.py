@@ -13,7 +13,7 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_kto_ext import KTOExtConfig, KTOExtTrainer
 from trl_kto_ext.models.tiny import make_kto_dataset
-from trl_kto_ext.training.kbit_cpu import keep_4bit_layers_trainable
+from trl_kto_ext.training.kbit_layers import keep_4bit_layers_trainable
 from trl_kto_ext.training.peft_utils import check_kbit_backend
 
 QLORA_STEPS = 24

@@ -24,7 +24,7 @@ NOTES = (
 )
 
 # bitsandbytes logs this at import on CPUs with AVX512-BF16: the `kernels` package it asks for only speeds up the CPU
-# inference kernel that KTOExtTrainer keeps off (trl_kto_ext/training/kbit_cpu.py), so it asks for nothing we use.
+# inference kernel that KTOExtTrainer keeps off (trl_kto_ext/training/kbit_layers.py), so it asks for nothing we use.
 _BNB_KERNELS_NOTICE = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community")
 
 _noted: set[str] = set()

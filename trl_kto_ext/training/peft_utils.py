@@ -105,3 +105,20 @@ def without_bitsandbytes() -> Iterator[None]:
         for name in ("is_bnb_available", "is_bnb_4bit_available"):
             with contextlib.suppress(AttributeError):
                 getattr(peft_imports, name).cache_clear()
+
+
+def check_adapters_off_reference(model, ref_model) -> None:
+    """Raises a `ValueError` when the reference is the PEFT model with its adapters off (no `ref_model`) but some
+    trainable parameter is not an adapter's: training would change the reference too, so z0 and the rewards would be
+    measured against a moving model (e.g. LoRA `bias="all"` or `"lora_only"` trains the base layers' biases, which
+    disabling the adapters keeps). A parameter belongs to an adapter when its name has the adapter's name as a component
+    (`...lora_A.default.weight`, `...modules_to_save.default.weight`)."""
+    adapters = set(getattr(model, "peft_config", None) or ()) if ref_model is None else set()
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and not adapters & set(n.split("."))]
+    if adapters and outside:
+        raise ValueError(
+            f"{len(outside)} trainable parameters are not part of the adapters (first: {outside[0]}), and the "
+            "reference is this model with its adapters disabled, which keeps them: the reference would move with "
+            "training. Train adapters only: LoraConfig(bias='none') (the default), or freeze those parameters "
+            "(requires_grad_(False)); to train base weights too, train without peft_config."
+        )
