@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 from typing import Any
@@ -122,17 +123,17 @@ def threads_for(model_name: str | None):
 def _load_tokenizer(auto_tokenizer, model_path: str, hub_kwargs: dict[str, Any]):
     """The model's tokenizer, the first thing read from a Hub id: an unreachable Hub or a model missing from the
     offline cache stops here in one line instead of a long traceback (or ~30 s of retries)."""
-    from trl_kto_ext.data.loading import _check_hub_reachable
+    from trl_kto_ext.data.hub import check_hub_reachable
 
     if not os.path.exists(model_path):
         try:
-            _check_hub_reachable(model_path)
+            check_hub_reachable(model_path)
         except FileNotFoundError as err:  # its message speaks of datasets; the reason is the same
             reason = str(err).split("(", 1)[-1].split(")", 1)[0]
             _fail(
                 f"could not load the model {model_path!r}: it is not a local folder and the Hub cannot be reached "
-                f"({reason}). Check the name and your network, pass a local model folder (or `tiny`), or set "
-                "HF_HUB_OFFLINE=1 to load it from the local Hub cache."
+                f"({reason}).{_embedded_hint(model_path)} Check the name and your network, pass a local model folder "
+                "(or `tiny`), or set HF_HUB_OFFLINE=1 to load it from the local Hub cache."
             )
     try:
         return auto_tokenizer.from_pretrained(model_path, **hub_kwargs)
@@ -145,7 +146,23 @@ def _load_tokenizer(auto_tokenizer, model_path: str, hub_kwargs: dict[str, Any])
             else "Check the name, your network / HF_TOKEN, or pass a local model folder (or `tiny`)."
         )
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _fail(f"could not load the model {model_path!r}: {first_line} {fix}")
+        _fail(f"could not load the model {model_path!r}: {first_line}{_embedded_hint(model_path)} {fix}")
+
+
+# Hub ids of the embedded models, which load here without the Hub
+_EMBEDDED_HUB_IDS = {"huggingfacetb/smollm2-135m-instruct": SMOLLM2_MODEL}
+
+
+def _embedded_hint(name: str) -> str:
+    """ " Did you mean `smollm2-135m-instruct`?" for a name close to an embedded model's, or the embedded name of a Hub
+    id this package builds without the Hub; else ""."""
+    if name.lower() in _EMBEDDED_HUB_IDS:
+        return (
+            f" It is built in without the Hub (weights dequantized from its Q4_1 GGUF release): --model_name_or_path "
+            f"{_EMBEDDED_HUB_IDS[name.lower()]}."
+        )
+    close = difflib.get_close_matches(name.lower(), [TINY_MODEL, SMOLLM2_MODEL], n=1, cutoff=0.75)
+    return f" Did you mean `{close[0]}` (an embedded model)?" if close else ""
 
 
 def get_kbit_device_map() -> dict[str, int] | None:

@@ -7,7 +7,6 @@ import logging
 import math
 import numbers
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict, Value
 
+from trl_kto_ext.data.hub import check_hub_reachable
 from trl_kto_ext.data.labels import decode_labels, label_values
 from trl_kto_ext.data.labels import normalize_label as normalize_label  # re-exported: part of this module's public API
 from trl_kto_ext.data.messages import has_payload
@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _FORMATS = ", ".join(_BUILDERS)
-_HUB_TIMEOUT_S = 5  # seconds to wait for a TCP connection to the Hub before giving up
 # Suffixes that mean "a file the user meant to read" even though we cannot: they must not fall through to the Hub.
 _OTHER_FILE_SUFFIXES = {".txt", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".pkl", ".yaml", ".yml"}
 
@@ -317,7 +316,7 @@ def load_raw_dataset(
         elif looks_local:
             raise FileNotFoundError(f"No such file or folder: {path}. Give a {_FORMATS} file or a dataset folder.")
         else:
-            _check_hub_reachable(dataset_name)
+            check_hub_reachable(dataset_name)
             dataset = _load(dataset_name, dataset_name, split, name=dataset_config)
     except datasets.exceptions.DatasetGenerationError as err:
         raise _parse_error(path, err) from None
@@ -372,27 +371,3 @@ def _as_text(dataset: Dataset, columns: list[str]) -> Dataset:
         if isinstance(feature, Value) and feature.dtype not in ("string", "large_string", "null"):
             dataset = dataset.cast_column(column, Value("string"))
     return dataset
-
-
-def _check_hub_reachable(dataset_name: str) -> None:
-    """FileNotFoundError in one line, at once, when the Hub is needed but cannot be reached.
-
-    Without it, `datasets` retries for about 30 s and logs raw connection errors. Offline mode is left to `datasets`,
-    which then reads its local cache only (and fails at once when the dataset is not there).
-    """
-    if datasets.config.HF_HUB_OFFLINE:
-        return
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=_HUB_TIMEOUT_S).close()
-    except OSError as err:
-        raise FileNotFoundError(
-            f"{dataset_name!r} is not a local path, and the Hub ({constants.ENDPOINT}) cannot be reached "
-            f"({err.strerror or err}). Check the spelling of a local path, your network, or set HF_HUB_OFFLINE=1 to "
-            "load a dataset from the local Hub cache."
-        ) from None
