@@ -14,10 +14,13 @@ What the script does, in a fresh working folder:
   left off where there is no bf16 GPU, as KTOExtConfig leaves it);
 - replaces the Hub: the tiny models the suite loads (`trl-internal-testing/tiny-Qwen2ForCausalLM-2.5`,
   `tiny-RemoteForCausalLM`, `tiny-GptOssForCausalLM`) are built here with random weights and a byte-level tokenizer
-  with a ChatML template, and their ids in the test source point to those folders; `load_dataset` of
-  `trl-internal-testing/zen`, `toolcall` and `harmony` returns datasets of the same configurations built here (own
-  text, same columns and splits, streaming as `IterableDataset`). The vision tests need tiny VLM checkpoints that are
-  not built here: they are skipped with that reason;
+  with a ChatML template, and their ids in the test source point to those folders; so does
+  `tiny-Qwen2_5_VLForConditionalGeneration`, of which the vision collator tests load only the processor: Qwen2.5-VL's
+  image processor and processing (image tokens, `mm_token_type_ids`), the byte-level tokenizer with the vision tokens
+  and a multimodal ChatML template, without the video processor (transformers has none without torchvision; the class
+  is registered with AutoProcessor in the suite's conftest); `load_dataset` of `trl-internal-testing/zen`, `toolcall`
+  and `harmony` returns datasets of the same configurations built here (own text, same columns and splits, streaming
+  as `IterableDataset`);
 - provides `testing_utils` (TrlTestCase: a `tmp_dir` per test; the `require_*` markers skip when the package is absent);
 - runs pytest (one thread, HF_HUB_OFFLINE=1) and prints the counts and every failing test with its first error line.
 """
@@ -25,6 +28,7 @@ What the script does, in a fresh working folder:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -81,7 +85,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer():
+def build_tokenizer(extra_special_tokens: tuple[str, ...] = ()):
     """A byte-level tokenizer (every byte one token, no merges) with ChatML special tokens: it encodes any text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -92,7 +96,7 @@ def build_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *extra_special_tokens]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -182,10 +186,71 @@ def build_gpt_oss(folder: Path, tokenizer) -> None:
     _save(GptOssForCausalLM(config), tokenizer, folder)
 
 
+# ------------------------------------------------------------------------------------- vision-language processor
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# The ChatML template above for Qwen2.5-VL's message form: a content is a string or a list of {"type": "image" /
+# "video" / "text"} parts (TRL's prepare_multimodal_messages); an image part is one <|image_pad|>, which the processor
+# expands to the image's token count.
+VLM_CHAT_TEMPLATE = (
+    "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}{% for part in content %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}"
+    "{% if messages[0]['role'] == 'system' %}<|im_start|>system\n{{ render(messages[0]['content']) }}<|im_end|>\n"
+    "{% else %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{% if not (message['role'] == 'system' and loop.first) %}"
+    "<|im_start|>{{ message['role'] }}\n{{ render(message['content']) }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VLM_PROCESSOR = "ImageOnlyQwen2_5_VLProcessor"
+
+
+@functools.cache
+def register_vlm_processor() -> type:
+    """Registers with AutoProcessor (once per process) Qwen2.5-VL's processor without its video part; returns it.
+
+    `Qwen2_5_VLProcessor` always loads a video processor, and transformers offers none without torchvision, which this
+    CPU environment lacks (PyPI's torchvision wheels link CUDA torch). The suite's vision tests give images only: this
+    subclass keeps Qwen2.5-VL's image and text processing (image tokens, `mm_token_type_ids`) and drops the video
+    processor from `__init__`, the list `from_pretrained` loads. The suite's conftest registers it, so that
+    `AutoProcessor.from_pretrained` finds the class the saved `processor_config.json` names."""
+    from transformers import AutoProcessor, PreTrainedConfig, Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class VlmProcessorConfig(PreTrainedConfig):
+        model_type = "trl-suite-image-only-qwen2_5_vl"
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # Qwen2_5_VLProcessor.__init__ less the video processor: image/video tokens and their ids from the tokenizer.
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    processor = type(VLM_PROCESSOR, (Qwen2_5_VLProcessor,), {"__init__": __init__})
+    AutoProcessor.register(VlmProcessorConfig, processor, exist_ok=True)
+    return processor
+
+
+def build_vlm_processor(folder: Path, tokenizer=None) -> None:
+    """Qwen2.5-VL's processor (image part, see [`register_vlm_processor`]): its image processor (any image becomes
+    56 x 56 pixels: 4 x 4 patches of 14, merged 2 x 2 into 4 image tokens), the byte-level tokenizer with the vision
+    tokens and the multimodal ChatML template. Saved with save_pretrained; no model (the suite loads none).
+    `tokenizer` (the text models' one) is not used: this one has the vision tokens besides."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    side = 56
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=14,
+                                               temporal_patch_size=2, merge_size=2)  # fmt: skip
+    vlm_tokenizer = build_tokenizer(VISION_TOKENS)
+    register_vlm_processor()(image_processor, vlm_tokenizer, chat_template=VLM_CHAT_TEMPLATE).save_pretrained(folder)
+
+
 MODELS = {
     "tiny-Qwen2ForCausalLM-2.5": build_qwen2,
     "tiny-RemoteForCausalLM": build_remote,
     "tiny-GptOssForCausalLM": build_gpt_oss,
+    "tiny-Qwen2_5_VLForConditionalGeneration": build_vlm_processor,
 }
 
 
@@ -195,7 +260,7 @@ def build_models(folder: Path) -> dict[str, str]:
     paths = {}
     for name, build in MODELS.items():
         target = folder / name
-        if not (target / "config.json").is_file():
+        if not ((target / "config.json").is_file() or (target / "processor_config.json").is_file()):
             target.mkdir(parents=True, exist_ok=True)
             build(target, tokenizer)
         paths[f"{HUB}/{name}"] = str(target)
@@ -317,7 +382,7 @@ def load_dataset(path, name=None, split=None, streaming=False, **kwargs):
 
 # ------------------------------------------------------------------------------------------- testing_utils
 # The suite's `from .testing_utils import ...`, written next to it: TrlTestCase gives each test a fresh `self.tmp_dir`;
-# the `require_*` markers skip a test when its package is missing; the vision tests are skipped (no tiny VLM here).
+# the `require_*` markers skip a test when its package is missing (`require_vision`: Pillow, as TRL's).
 TESTING_UTILS = """import importlib.util
 
 import pytest
@@ -336,7 +401,7 @@ def _require(module, reason):
 require_peft = _require("peft", "peft is not installed")
 require_bitsandbytes = _require("bitsandbytes", "bitsandbytes is not installed")
 require_liger_kernel = _require("liger_kernel", "liger-kernel is not installed")
-require_vision = pytest.mark.skip(reason="needs tiny vision-language checkpoints, not built by this offline harness")
+require_vision = _require("PIL", "Pillow is not installed")
 """
 
 
@@ -404,8 +469,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import torch  # noqa: E402
+import trl_suite  # noqa: E402
 
 torch.set_num_threads(1)
+trl_suite.register_vlm_processor()  # the class the tiny Qwen2.5-VL processor's processor_config.json names
 """
 # For TRL's classes: TRL turns bf16 on whenever it is left unset, which refuses to start on a machine without a bf16
 # GPU unless use_cpu is given; there it is left off, as KTOExtConfig leaves it.

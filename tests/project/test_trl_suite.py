@@ -3,6 +3,7 @@ datasets and models it builds in place of the Hub, and the chat template's prefi
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,30 @@ def test_models_build_and_the_remote_one_needs_trust(tmp_path):
     assert type(remote).__name__ == "RemoteForCausalLM"
     gpt_oss = AutoModelForCausalLM.from_pretrained(paths["trl-internal-testing/tiny-GptOssForCausalLM"])
     assert gpt_oss.config.num_local_experts == 4 and gpt_oss.config.output_router_logits is False
+
+
+def test_vlm_processor_loads_offline_and_marks_its_image_tokens(tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    path = trl_suite.build_models(tmp_path)["trl-internal-testing/tiny-Qwen2_5_VLForConditionalGeneration"]
+    trl_suite.register_vlm_processor()  # what the suite's conftest does
+    processor = AutoProcessor.from_pretrained(path)
+    assert type(processor).__name__ == "ImageOnlyQwen2_5_VLProcessor" and processor.image_token == "<|image_pad|>"
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    completion = [{"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}]
+    text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(prompt + completion, tokenize=False)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    assert full == text + "A red square.<|im_end|>\n"
+    out = processor(images=[Image.new("RGB", (16, 16))], text=[text], return_tensors="pt")
+    # 16 x 16 pixels are resized to 56 x 56: 4 x 4 patches of 14, merged 2 x 2 -> 4 image tokens.
+    assert out["image_grid_thw"].tolist() == [[1, 4, 4]] and tuple(out["pixel_values"].shape) == (16, 3 * 2 * 14 * 14)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (out["input_ids"] == image_id).sum() == 4
+    assert out["mm_token_type_ids"].tolist() == (out["input_ids"] == image_id).long().tolist()
+    # Byte-level: one token per byte of plain text, one per special token, the image pad expanded to 4.
+    specials = re.findall(r"<\|[a-z_]+\|>", text)
+    plain = re.sub(r"<\|[a-z_]+\|>", "", text)
+    assert out["input_ids"].shape[1] == len(plain.encode()) + len(specials) + 3
