@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trl_kto_ext.data.weights import add_weights
+from trl_kto_ext.errors import UserInputError
 from trl_kto_ext.pairing import MismatchedCompletions
 from trl_kto_ext.trl_internals import DataCollatorForUnpairedPreference
 
@@ -99,7 +100,7 @@ def keep_kl_rows(batch: dict[str, Any], n_rows: int) -> dict[str, Any]:
     if batch["KL_input_ids"].size(0) <= n_rows:
         return batch
     if "pixel_values" in batch:
-        raise ValueError(
+        raise UserInputError(
             "kl_subset_size is not supported with image inputs: the KL rows are run with the batch's images, which "
             "belong to all its rows. Leave kl_subset_size unset (None) for vision datasets."
         )

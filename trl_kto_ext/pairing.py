@@ -11,6 +11,8 @@ from typing import Any
 
 from datasets import Dataset
 
+from trl_kto_ext.errors import UserInputError
+
 # A random cyclic permutation is a derangement; with repeated prompts it may still pair two rows of the same prompt,
 # so a few are tried before falling back to an independent draw per row.
 _CYCLE_TRIES = 8
@@ -173,7 +175,7 @@ class MismatchedCompletions:
                 key, completion = self._row(rows, (start + offset) % n)
                 if key != prompt_key:
                     return completion
-        raise ValueError(self._no_partner_message())
+        raise UserInputError(self._no_partner_message())
 
     def _no_partner_message(self) -> str:
         why = (

@@ -379,7 +379,7 @@ class KTOExtTrainer(KTOTrainer):
 
     def train(self, *args, **kwargs):
         self._built_settings.check(self.args)
-        return super().train(*args, **kwargs)
+        return guards.corrected_train_output(super().train(*args, **kwargs))
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)

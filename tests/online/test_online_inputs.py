@@ -32,8 +32,9 @@ def test_reward_nan(tiny_default, tmp_path):
 
     message = _sample_error(tiny_default, tmp_path, nan_on_second)
     assert re.fullmatch(
-        r"Reward function 'nan_on_second' returned NaN for completion 3 \(prompt '45\+7=', completion '.*'\)\. "
-        r"Return a number, or None where the function does not apply\.",
+        r"Reward function 'nan_on_second' returned nan for completion 3 \(prompt '45\+7=', completion '.*'\): "
+        r"rewards must be finite numbers \(a NaN or infinite reward cannot be compared with the others\)\. "
+        r"Return a finite number, or None where the function does not apply\.",
         message,
     ), message
 
@@ -55,8 +56,10 @@ def test_reward_exception_names_the_prompt(tiny_default, tmp_path):
         return [1.0] * len(completions)
 
     message = _sample_error(tiny_default, tmp_path, picky, RuntimeError)
+    line = picky.__code__.co_firstlineno + 2  # the `raise` in picky
     assert re.fullmatch(
-        r"Reward function 'picky' raised KeyError: 'no table for 8\+9' on prompt '8\+9=' with completion '.*'\.",
+        rf"Reward function 'picky' raised KeyError: 'no table for 8\+9' at {re.escape(__file__)}, line {line} "
+        r"\(in picky\) on prompt '8\+9=' with completion '.*'\.",
         message,
     ), message
 

@@ -98,7 +98,7 @@ def test_step_without_a_desirable_sample_makes_no_update_and_says_why_once(tiny_
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
-    logs = [e for e in trainer.state.log_history if "loss" in e]
+    logs = [e for e in trainer.state.log_history if "online/reward" in e]
     assert [e["skipped/no_preference_steps"] for e in logs] == [1, 1, 1]
     assert [e["count/one_class_prompts"] for e in logs] == [4, 2, 4]  # batches of 4 and 2 prompts in turn
     assert all(e["online/desirable_share"] == 0 for e in logs)

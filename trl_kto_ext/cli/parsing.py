@@ -21,7 +21,7 @@ import yaml
 from trl import TrlParser
 
 from trl_kto_ext.cli.help import HELP_TEXTS, OTHER_GROUP, GroupedHelpMixin, HelpAllAction, HelpFormatter, group_options
-from trl_kto_ext.training.library_messages import format_warning
+from trl_kto_ext.training.library_messages import format_warning, show_package_warnings
 
 PROG = "trl-kto-ext"
 BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what TRL's string_to_bool accepts
@@ -259,5 +259,7 @@ def as_flags(message: str) -> str:
 
 def one_line_warnings() -> None:
     """Python warnings printed as one line each from here on, `SOURCE: Category: message` with SOURCE the library the
-    warning comes from (`trl-kto-ext` for ours; see trl_kto_ext/training/library_messages.py). The commands call it first."""
+    warning comes from (`trl-kto-ext` for ours; see trl_kto_ext/training/library_messages.py), and this package's
+    logged warnings as `trl-kto-ext: warning: message` lines. The commands call it first."""
     warnings.formatwarning = format_warning
+    show_package_warnings()

@@ -10,6 +10,7 @@ from typing import Any
 
 from trl_kto_ext.cli.parsing import _fail, as_flags, format_config
 from trl_kto_ext.data.pipeline import _looks_local
+from trl_kto_ext.errors import UserFault
 from trl_kto_ext.models import SMOLLM2_MODEL, TINY_MODEL
 from trl_kto_ext.training.peft_utils import check_kbit_backend
 
@@ -75,7 +76,12 @@ def build_trainer(trainer_class, model_path, training_args, card_info: dict[str,
 
 def train_and_report(trainer, tokenizer, training_args, heldout, method: str = "KTO") -> str:
     """Trains, saves the model, tokenizer, state, model card and curves to output_dir, and prints the held-out
-    accuracy before and after (tiny data) and where everything went. Returns the output_dir."""
+    accuracy before and after (tiny data) and where everything went. Returns the output_dir.
+
+    A fault of the user's input found while training ([`UserFault`]: a reward function's output, a data row, a
+    diverging loss) stops the command with its one-line message; any other exception is a bug and keeps its
+    traceback. A run in which no step made an update saves its outputs, then exits non-zero (the saved model is the
+    starting one: a script going on to use it must not take it for a trained model)."""
     from trl_kto_ext.models.tiny import greedy_accuracy
     from trl_kto_ext.report.plotting import plot_training
 
@@ -83,7 +89,11 @@ def train_and_report(trainer, tokenizer, training_args, heldout, method: str = "
     if heldout is not None and main_process:
         before = greedy_accuracy(trainer.model, tokenizer, *heldout)
         print(f"Held-out greedy accuracy before {method}: {before:.3f} ({len(heldout[0])} prompts)", flush=True)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except UserFault as err:
+        _end_progress_bars(trainer)  # the message starts on a line of its own
+        _fail(as_flags(" ".join(line.strip() for line in str(err).splitlines() if line.strip())))
     trainer.save_model(training_args.output_dir)  # model + tokenizer
     trainer.save_state()  # trainer_state.json, read by the plot
     plot = plot_training(training_args.output_dir) if main_process else None  # before the card, which names it
@@ -103,7 +113,22 @@ def train_and_report(trainer, tokenizer, training_args, heldout, method: str = "
     # Under torchrun, ranks leave together with the process group torn down (one still alive at exit can abort).
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+    if getattr(trainer, "no_update_message", None):  # said in full at the end of training
+        _fail(
+            f"no training step made an update, so the model saved in {os.path.abspath(training_args.output_dir)} is "
+            "the model the run started from (why and the likely fixes: the warning above)."
+        )
     return training_args.output_dir
+
+
+def _end_progress_bars(trainer) -> None:
+    """Closes transformers' progress bars (an interrupted one is left open on its line)."""
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, IterableDataset, Value
 
 from trl_kto_ext.data.rows import more_rows, row_ref
+from trl_kto_ext.errors import UserInputError
 
 _TRUE = "true 1 desirable good up thumbs_up 👍 yes positive chosen".split()
 _FALSE = "false 0 undesirable bad down thumbs_down 👎 no negative rejected".split()
@@ -33,7 +34,7 @@ def normalize_label(value: Any, row: int) -> bool:
         return bool(value)
     if isinstance(value, str) and (meaning := text_label(value)) is not None:
         return meaning
-    raise ValueError(
+    raise UserInputError(
         f"Unrecognised label {value!r} at {row_ref(row)}. Accepted labels: {ACCEPTED}. "
         "Fix the value in the data, or map it to one of these before loading."
     )
@@ -69,7 +70,7 @@ def _decode(codes: list[Any], meanings: list[bool], offset: int = 0) -> list[boo
     out = []
     for row, code in enumerate(codes, offset):
         if not isinstance(code, numbers.Integral) or not 0 <= code < len(meanings):
-            raise ValueError(
+            raise UserInputError(
                 f"label at {row_ref(row)} is {code!r}, not a class of the ClassLabel; fix or drop that row."
             )
         out.append(meanings[code])
@@ -123,7 +124,7 @@ def _read(values: list[Any], offset: int = 0, name: str | None = None) -> list[b
             bad.append(row)
     if bad:
         value = values[bad[0] - offset]
-        raise ValueError(
+        raise UserInputError(
             f"Unrecognised label {value!r} at {row_ref(bad[0])}"
             f"{f' of the {name} dataset' if name else ''}{more_rows(bad, 'have a label it cannot read')}. "
             f"Accepted labels: {ACCEPTED}. Fix or drop that row, or map it to one of these before training."

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from trl_kto_ext.data.rows import more_rows, row_ref
+from trl_kto_ext.errors import UserInputError
 
 LABEL_MODES = ("threshold", "relative")
 SCORE_WEIGHTINGS = ("none", "distance")
@@ -80,7 +81,7 @@ def check_scores(values: list[Any], name: str, offset: int = 0) -> None:
         if not number or not math.isfinite(value):
             bad.append(row)
     if bad:
-        raise ValueError(
+        raise UserInputError(
             f"The score at {row_ref(bad[0])} of the {name} dataset is {values[bad[0] - offset]!r}"
             f"{more_rows(bad, 'have a score that is not a finite number', '; ')}: scores must be finite numbers. Fix or "
             "drop that row."

@@ -12,6 +12,7 @@ import numbers
 from typing import Any
 
 from trl_kto_ext.data.rows import more_rows, row_ref
+from trl_kto_ext.errors import UserInputError
 
 WEIGHT = "weight"
 
@@ -37,7 +38,7 @@ def check_weights(values: list[Any], name: str, labels: list[Any] | None = None)
     bad = [(row, problem) for row, value in enumerate(values) if (problem := weight_problem(value)) is not None]
     if bad:
         row, problem = bad[0]
-        raise ValueError(
+        raise UserInputError(
             f"The weight at {row_ref(row)} of the {name} dataset {problem}"
             f"{more_rows([r for r, _ in bad], 'have an unusable weight', '; ')}. Weights must be finite numbers >= 0 "
             "(0 leaves a row out of the loss): fix or drop that row, or remove the `weight` column to weigh every "
@@ -63,10 +64,19 @@ def class_masses(weights: list[float], labels: list[bool]) -> tuple[float, float
 
 
 def add_weights(batch: dict[str, Any], examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """The collated `batch` with a float32 `weight` tensor [B] when the examples carry a weight (unchanged else)."""
+    """The collated `batch` with a float32 `weight` tensor [B] when the examples carry a weight (unchanged else);
+    [`UserInputError`] for an unusable weight ([`weight_problem`])."""
     import torch
 
     if examples and WEIGHT in examples[0]:
+        # Streamed rows past the first checked ones reach training unchecked: a NaN weight would surface as a NaN loss.
+        bad = [(i, problem) for i, ex in enumerate(examples) if (problem := weight_problem(ex.get(WEIGHT))) is not None]
+        if bad:
+            raise UserInputError(
+                f"The weight of row {bad[0][0]} of a training batch (counting from 0) {bad[0][1]}: weights must be "
+                "finite numbers >= 0 (0 leaves a row out of the loss). Fix or drop that row in the data, or remove the "
+                "`weight` column to weigh every row 1.0."
+            )
         batch[WEIGHT] = torch.tensor([float(ex[WEIGHT]) for ex in examples], dtype=torch.float32)
     return batch
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from accelerate.utils import is_peft_model
 
+from trl_kto_ext.errors import UserInputError
 from trl_kto_ext.logprobs.fast_path import KL_KEYS, TARGET_KEYS, fast_path
 
 
@@ -65,7 +66,9 @@ def clamped_logps(trainer, model, batch, outputs) -> tuple[torch.Tensor, ...]:
         ValueError: rows with inputs other than text (images): the per-token reference runs on text rows only.
     """
     if not trainer._only_text(batch):
-        raise ValueError("humanline=True supports text rows only (this batch has other model inputs, e.g. images).")
+        raise UserInputError(
+            "humanline=True supports text rows only (this batch has other model inputs, e.g. images)."
+        )
     args = trainer.args
     low, high = args.humanline_log_epsilon_P, args.humanline_log_epsilon_R
     width = batch["input_ids"].size(1) - 1

@@ -66,8 +66,34 @@ def skipped_step_message(step: int, n_desirable: int, n_undesirable: int, n_samp
         "no contrast, and pushing every sample down moves probability to text the model never samples. Such steps "
         "are counted in `skipped/no_preference_steps`, prompts whose samples share one label in "
         "`count/one_class_prompts` (said once). If it repeats: lower `temperature` (samples too random to be right) "
-        "or raise `num_generations`, give a graded reward with label_mode='relative', or check the reward function; "
-        "one_class='train' trains on them anyway."
+        "or raise `num_generations`, give a graded reward with label_mode='relative', or check the reward function "
+        "(for chat prompts `completions` are lists of messages, not strings); one_class='train' trains on them anyway."
+    )
+
+
+def no_update_advice(args, rewards_seen: tuple[float, float] | None) -> str:
+    """Why a run whose every step was a no-preference step trained nothing, and the likely fixes (appended to the
+    end-of-run warning, `trl_kto_ext.training.guards.no_update_message`). `rewards_seen`: (lowest, highest) reward of
+    the run's samples."""
+    if rewards_seen is None:
+        seen = ""
+    elif rewards_seen[0] == rewards_seen[1]:
+        seen = (
+            f" Every sample of the run got the same reward, {rewards_seen[0]:g}: a reward function that never varies."
+        )
+    else:
+        seen = f" The samples' rewards ranged from {rewards_seen[0]:g} to {rewards_seen[1]:g}."
+    bar = (
+        f"desirable_threshold={args.desirable_threshold} splits them"
+        if args.label_mode == "threshold"
+        else "label_mode='relative' compares each with its prompt's mean"
+    )
+    return (
+        f"Online KTO trains only on prompts whose samples got both labels ({bar}).{seen} Likely fixes: check what "
+        "the reward function receives (`completions` are strings for text prompts, but lists of messages "
+        "[{'role': 'assistant', 'content': ...}] for conversational prompts: compare `completion[0]['content']`); "
+        f"lower `temperature` (now {args.temperature}) or raise `num_generations` (now {args.num_generations}) so "
+        "that a prompt's samples differ; give a graded reward with label_mode='relative'; or one_class='train'."
     )
 
 

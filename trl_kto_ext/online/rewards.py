@@ -7,12 +7,14 @@ import math
 import numbers
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from trl_kto_ext.data.scores import LABEL_MODES, label_scores
+from trl_kto_ext.errors import UserFunctionError, UserInputError
 
 __all__ = ["LABEL_MODES", "call_reward_func", "combine_rewards", "label_rewards", "load_reward_funcs"]
 
@@ -135,8 +137,9 @@ def call_reward_func(
     """Calls one reward function on a batch and checks its output; returns one float (or None) per completion.
 
     None means "this function does not score this completion" (as in TRL's GRPOTrainer); the caller requires some
-    function to score every completion. Raises ValueError naming `name` for an output of the wrong length, a NaN or
-    a non-number, and RuntimeError for an exception raised inside it, with the prompt and completion that trigger it.
+    function to score every completion. Raises [`UserInputError`] (a ValueError) naming `name` for an output of the
+    wrong length, a NaN, an infinity or a non-number, and [`UserFunctionError`] (a RuntimeError) for an exception
+    raised inside it, with the line of the function that raised and the prompt and completion that trigger it.
     """
     n = len(completions)
     try:
@@ -148,18 +151,20 @@ def call_reward_func(
             if row is not None
             else f"on a batch of {n} completions (first prompt {prompts[0]!r}; no single completion reproduces it)"
         )
-        raise RuntimeError(f"Reward function '{name}' raised {type(err).__name__}: {err} {where}.") from err
+        raise UserFunctionError(
+            f"Reward function '{name}' raised {type(err).__name__}: {err} {_raised_at(func, err)}{where}."
+        ) from err
     if isinstance(output, torch.Tensor):
         output = output.tolist()
     try:
         values = list(output)
     except TypeError:
-        raise ValueError(
+        raise UserInputError(
             f"Reward function '{name}' returned {type(output).__name__}, not a list: it must return one number per "
             f"completion ({n} here)."
         ) from None
     if len(values) != n:
-        raise ValueError(
+        raise UserInputError(
             f"Reward function '{name}' returned {len(values)} rewards for {n} completions: it must return exactly "
             "one reward per completion, in the order of `completions`."
         )
@@ -171,18 +176,31 @@ def call_reward_func(
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if not isinstance(value, numbers.Real):
-            raise ValueError(
+            raise UserInputError(
                 f"Reward function '{name}' returned {value!r} ({type(value).__name__}) for completion {i} "
                 f"(prompt {prompts[i]!r}): rewards must be numbers (int, float or bool), or None to abstain."
             )
         value = float(value)
-        if math.isnan(value):
-            raise ValueError(
-                f"Reward function '{name}' returned NaN for completion {i} (prompt {prompts[i]!r}, completion "
-                f"{completions[i]!r}). Return a number, or None where the function does not apply."
+        if not math.isfinite(value):
+            raise UserInputError(
+                f"Reward function '{name}' returned {value} for completion {i} (prompt {prompts[i]!r}, completion "
+                f"{completions[i]!r}): rewards must be finite numbers (a NaN or infinite reward cannot be compared "
+                "with the others). Return a finite number, or None where the function does not apply."
             )
         checked.append(value)
     return checked
+
+
+def _raised_at(func, err: BaseException) -> str:
+    """'at FILE, line N (in FUNC) ' for the innermost frame of `err`'s traceback in the file `func` is defined in (the
+    user's own line), else its innermost frame; '' without a traceback."""
+    frames = traceback.extract_tb(err.__traceback__)[1:]  # the first frame is the call in `call_reward_func`
+    if not frames:
+        return ""
+    source = getattr(getattr(func, "__code__", None), "co_filename", None)
+    own = [f for f in frames if f.filename == source]
+    frame = (own or frames)[-1]
+    return f"at {frame.filename}, line {frame.lineno} (in {frame.name}) "
 
 
 def _first_failing_row(func, prompts, completions, completion_ids, kwargs) -> int | None:
@@ -201,13 +219,13 @@ def _first_failing_row(func, prompts, completions, completion_ids, kwargs) -> in
 def combine_rewards(per_func: list[list[float | None]], weights: Sequence[float], names: list[str], prompts) -> list:
     """Weighted sum over functions of each completion's rewards; None entries are left out (GRPO's `nansum`).
 
-    Raises ValueError when no function scores a completion (every entry None).
+    Raises [`UserInputError`] (a ValueError) when no function scores a completion (every entry None).
     """
     totals = []
     for i in range(len(per_func[0])):
         scored = [(w, rewards[i]) for w, rewards in zip(weights, per_func) if rewards[i] is not None]
         if not scored:
-            raise ValueError(
+            raise UserInputError(
                 f"Every reward function ({', '.join(names)}) returned None for completion {i} (prompt "
                 f"{prompts[i]!r}): at least one must score each completion."
             )

@@ -15,9 +15,15 @@ from datasets import Dataset, IterableDataset
 from trl import is_conversational
 
 from trl_kto_ext.data.special_tokens import text_prompt_ids
+from trl_kto_ext.errors import UserInputError
 from trl_kto_ext.loss_aversion import LossAversion
 from trl_kto_ext.online.config import OnlineKTOConfig
-from trl_kto_ext.online.one_class import drop_one_class_groups, skipped_step_message, train_one_class_message
+from trl_kto_ext.online.one_class import (
+    drop_one_class_groups,
+    no_update_advice,
+    skipped_step_message,
+    train_one_class_message,
+)
 from trl_kto_ext.online.rewards import (
     call_reward_func,
     combine_rewards,
@@ -27,6 +33,7 @@ from trl_kto_ext.online.rewards import (
 )
 from trl_kto_ext.online.rolling_loss_aversion import RollingLossAversion
 from trl_kto_ext.trainer import KTOExtTrainer
+from trl_kto_ext.training.guards import count_zeroed_loss
 from trl_kto_ext.training.scoped import activation_checkpointing_off, attribute
 from trl_kto_ext.trl_internals import tokenize_row as _tokenize
 
@@ -73,12 +80,17 @@ def check_prompt_dataset(dataset, name: str) -> None:
     if len(prompts) == 0:
         raise ValueError(f"The {name} dataset has 0 prompts: there is nothing to sample from.")
     for row, prompt in enumerate(prompts):
-        chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)
-        if not (chat or (isinstance(prompt, str) and prompt.strip())):
-            raise ValueError(
-                f"Row {row} of the {name} dataset has prompt {prompt!r}: a prompt must be non-empty text or a list of "
-                "{'role': ..., 'content': ...} messages."
-            )
+        check_prompt(prompt, f"Row {row} of the {name} dataset")
+
+
+def check_prompt(prompt, where: str) -> None:
+    """[`UserInputError`] unless `prompt` is non-empty text or a list of chat messages; `where` names its row."""
+    chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)
+    if not (chat or (isinstance(prompt, str) and prompt.strip())):
+        raise UserInputError(
+            f"{where} has prompt {prompt!r}: a prompt must be non-empty text or a list of {{'role': ..., 'content': "
+            "...}} messages."
+        )
 
 
 class OnlineKTOTrainer(KTOExtTrainer):
@@ -246,6 +258,8 @@ class OnlineKTOTrainer(KTOExtTrainer):
         """
         args, group = self.args, self.args.num_generations
         prompts = [row["prompt"] for row in rows]
+        for i, prompt in enumerate(prompts):  # a streamed dataset is checked on its first row only at start
+            check_prompt(prompt, f"Prompt {i} of the batch of step {self.state.global_step + 1}")
         prompt_ids = [self.tokenize_prompt(p) for p in prompts]
         completion_ids = self.generate(prompt_ids)
         texts = self._tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -307,6 +321,9 @@ class OnlineKTOTrainer(KTOExtTrainer):
         verdicts = [ex["verdict"] for ex in examples if ex["verdict"] is not None]
         rewards = [ex["reward"] for ex in examples]
         mean = math.fsum(rewards) / len(rewards)
+        if mode == "train":  # the run's lowest and highest reward, for the end-of-run warning of a run never updated
+            low, high = getattr(self, "_rewards_seen", None) or (min(rewards), max(rewards))
+            self._rewards_seen = (min(low, *rewards), max(high, *rewards))
         m["online/reward"].append(mean)
         m["online/reward_std"].append(math.sqrt(math.fsum((r - mean) ** 2 for r in rewards) / len(rewards)))
         for name, values in zip(self.reward_func_names, per_func):
@@ -343,9 +360,14 @@ class OnlineKTOTrainer(KTOExtTrainer):
             # Every sampled group tied ("relative" labels): nothing to learn from; zero loss and gradient, counted.
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["skipped/no_preference_steps"].append(1)
+            if mode == "train":
+                count_zeroed_loss(self, "no_preference")  # its 0 is no loss: left out of the logged mean loss
             loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return (loss, None) if return_outputs else loss
         return super()._compute_loss(model, inputs, return_outputs)
+
+    def _no_update_advice(self) -> str:
+        return no_update_advice(self.args, getattr(self, "_rewards_seen", None))
 
     def create_model_card(self, *args, **kwargs):
         # The card reports lambda_D / lambda_U with the counts they came from: here, the last step's window.

@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from trl_kto_ext.errors import UserInputError
 from trl_kto_ext.training import guards
 
 # Per-row quantities summed over a window, one column each.
@@ -226,7 +227,7 @@ def pass_metrics(trainer, prefix: str) -> dict[str, float]:
         name = wanted[len(prefix) + 1 :]
         n_d, n_u = metrics.get(f"{prefix}_count/desirable", 0), metrics.get(f"{prefix}_count/undesirable", 0)
         if name in NEEDS_DESIRABLE + NEEDS_UNDESIRABLE:
-            raise ValueError(_one_class_message(wanted, name, int(n_d), int(n_u), "this evaluation pass"))
+            raise UserInputError(_one_class_message(wanted, name, int(n_d), int(n_u), "this evaluation pass"))
     return metrics
 
 

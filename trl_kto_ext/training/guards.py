@@ -9,11 +9,36 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from trl_kto_ext.errors import UserFault
+
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a training step's loss is NaN or infinite and `on_nonfinite_loss="raise"`."""
+class NonFiniteLossError(UserFault, FloatingPointError):
+    """Raised when a training step's loss is NaN or infinite and `on_nonfinite_loss="raise"`. A [`UserFault`]: its
+    causes are the settings (learning rate, precision) its message names, so the command line prints it in one line."""
+
+
+# What a micro-batch that made no update was skipped for, as its metric counts it.
+SKIP_KINDS = {
+    "nonfinite": "a NaN/inf loss (`skipped/nonfinite_steps`)",
+    "empty": "no completion token (`skipped/empty_batches`)",
+    "no_preference": "no contrast between desirable and undesirable samples (`skipped/no_preference_steps`)",
+}
+
+
+def count_zeroed_loss(trainer, kind: str) -> None:
+    """Records a training micro-batch that makes no update (its loss replaced by 0), skipped for `kind` (a key of
+    [`SKIP_KINDS`]): its 0 is left out of the logged loss ([`correct_logged_loss`]) and a run in which every
+    micro-batch was skipped is reported at its end ([`no_update_message`])."""
+    # Its share of its optimizer step (transformers divides each micro-batch's loss by the step's micro-batch count).
+    share = 1 / max(
+        1, getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
+    )
+    trainer._zeroed_losses = getattr(trainer, "_zeroed_losses", 0) + share
+    trainer._zeroed_losses_total = getattr(trainer, "_zeroed_losses_total", 0) + share
+    kinds = trainer.__dict__.setdefault("_zeroed_by_kind", {})
+    kinds[kind] = kinds.get(kind, 0) + 1
 
 
 def guard_loss(trainer, mode: str, batch: dict[str, Any], loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -39,8 +64,7 @@ def guard_loss(trainer, mode: str, batch: dict[str, Any], loss: torch.Tensor) ->
             raise NonFiniteLossError(nonfinite_message(trainer, loss))
         _count_nonfinite_step(trainer, loss)
         trainer._discard_step_gradients = True
-        trainer._zeroed_losses = getattr(trainer, "_zeroed_losses", 0) + 1  # see `correct_logged_loss`
-        trainer._zeroed_losses_total = getattr(trainer, "_zeroed_losses_total", 0) + 1
+        count_zeroed_loss(trainer, "nonfinite")
         metrics["skipped/nonfinite_steps"].append(1)
         logger.warning(
             "Non-finite loss (%s) at step %d: skipped (zero gradient, counted in `skipped/nonfinite_steps`) because "
@@ -51,6 +75,8 @@ def guard_loss(trainer, mode: str, batch: dict[str, Any], loss: torch.Tensor) ->
         return zero, False
     if completion_tokens == 0:
         metrics["skipped/empty_batches"].append(1)
+        if mode == "train":
+            count_zeroed_loss(trainer, "empty")
         if not getattr(trainer, "_warned_empty_batch", False):
             trainer._warned_empty_batch = True
             logger.warning(
@@ -60,6 +86,8 @@ def guard_loss(trainer, mode: str, batch: dict[str, Any], loss: torch.Tensor) ->
                 trainer.state.global_step + 1,
             )
         return zero, False
+    if mode == "train":
+        trainer._trained_batches = getattr(trainer, "_trained_batches", 0) + 1
     return loss, True
 
 
@@ -151,15 +179,26 @@ def _count_nonfinite_step(trainer, loss: torch.Tensor | None) -> None:
 
 
 class NonFiniteStreak(TrainerCallback):
-    """Counts consecutive optimizer steps skipped for a NaN/inf loss or gradient (see `_count_nonfinite_step`)."""
+    """Counts consecutive optimizer steps skipped for a NaN/inf loss or gradient (see `_count_nonfinite_step`), and
+    at the end of a run in which no micro-batch was trained on, warns that the model did not change
+    ([`no_update_message`], kept as `trainer.no_update_message` for the command line's exit status)."""
 
     def __init__(self, trainer):
         self._trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
         # After a resume the state is the checkpoint's: the first logging window starts there.
-        self._trainer._last_logged_train_step = state.global_step
-        self._trainer._nonfinite_streak = 0
+        trainer = self._trainer
+        trainer._last_logged_train_step = state.global_step
+        trainer._nonfinite_streak = 0
+        trainer._zeroed_losses = trainer._zeroed_losses_total = trainer._trained_batches = 0
+        trainer._zeroed_by_kind, trainer.no_update_message = {}, None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        trainer = self._trainer
+        trainer.no_update_message = no_update_message(trainer)
+        if trainer.no_update_message and trainer.is_world_process_zero():
+            logger.warning(trainer.no_update_message)
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self._trainer
@@ -167,28 +206,51 @@ class NonFiniteStreak(TrainerCallback):
         trainer._nonfinite_streak = getattr(trainer, "_nonfinite_streak", 0) + 1 if skipped else 0
 
 
+def no_update_message(trainer) -> str | None:
+    """The warning for a training run in which every micro-batch was skipped (None when one was trained on): the
+    model saved at its end equals the one it started from. The trainer's `_no_update_advice()`, when it has one,
+    gives the likely fixes (online KTO's: see `trl_kto_ext/online/one_class.py`)."""
+    kinds = getattr(trainer, "_zeroed_by_kind", None) or {}
+    if getattr(trainer, "_trained_batches", 0) or not kinds:
+        return None
+    steps = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
+    why = "; ".join(f"{n} for {SKIP_KINDS.get(kind, kind)}" for kind, n in kinds.items())
+    advice = trainer._no_update_advice() if hasattr(trainer, "_no_update_advice") else ""
+    return (
+        f"No training step of this run made an update: all {steps} steps were skipped (micro-batches skipped: {why}), "
+        f"so the model saved at the end equals the model the run started from.{' ' + advice if advice else ''}"
+    )
+
+
 def correct_logged_loss(trainer, logs: dict[str, float]) -> None:
-    """Training logs: `loss` (and the run's `train_loss`) averaged over the micro-batches that were not skipped for a
-    non-finite loss, instead of counting each skipped one as a loss of 0; left out when every one was skipped.
+    """Training logs: `loss` (and the run's `train_loss`) averaged over the micro-batches that were trained on,
+    instead of counting each one skipped ([`count_zeroed_loss`]: a non-finite loss, no completion token, online KTO's
+    no-preference step) as a loss of 0; left out when every one was skipped.
 
     transformers logs `loss` = (sum of the window's step losses) / (steps in the window), each step's loss being the
-    sum of its micro-batch losses / gradient_accumulation_steps; a skipped micro-batch added 0.
+    sum of its micro-batch losses / its number of micro-batches; a skipped micro-batch added 0, and counted its share
+    of its step. Exact (the mean over the trained micro-batches) when the window's steps have equally many.
     """
-    accumulation = max(1, trainer.args.gradient_accumulation_steps)
     if "loss" in logs:
         steps = trainer.state.global_step - getattr(trainer, "_last_logged_train_step", 0)
-        skipped = trainer.__dict__.pop("_zeroed_losses", 0) / accumulation
+        skipped = trainer.__dict__.pop("_zeroed_losses", 0)
         trainer._last_logged_train_step = trainer.state.global_step
         if skipped and steps > 0:
             if steps - skipped <= 1e-9:
                 del logs["loss"]
             else:
                 logs["loss"] = logs["loss"] * steps / (steps - skipped)
-    if "train_loss" in logs:
-        skipped = getattr(trainer, "_zeroed_losses_total", 0) / accumulation
-        steps = trainer.state.global_step
+    if "train_loss" in logs:  # transformers divides by the steps of this `train` call (after a resume, not all)
+        skipped = getattr(trainer, "_zeroed_losses_total", 0)
+        steps = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
         if skipped and steps > 0:
             if steps - skipped <= 1e-9:
                 del logs["train_loss"]
             else:
                 logs["train_loss"] = logs["train_loss"] * steps / (steps - skipped)
+
+
+def corrected_train_output(output):
+    """transformers' `TrainOutput` with `training_loss` = the logged `train_loss` ([`correct_logged_loss`]), NaN when
+    every micro-batch was skipped (no loss to average)."""
+    return output._replace(training_loss=output.metrics.get("train_loss", math.nan))

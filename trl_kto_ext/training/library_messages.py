@@ -63,6 +63,32 @@ class _DropMessage(logging.Filter):
         return not record.getMessage().startswith(self.start)
 
 
+class _PackageLogHandler(logging.Handler):
+    """`trl-kto-ext: warning: message` on stderr, written through tqdm so a progress bar does not swallow the line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = f"{PROG}: {record.levelname.lower()}: {self.format(record)}"
+            tqdm = sys.modules.get("tqdm")  # loaded by transformers whenever a bar can be open
+            if tqdm is not None:
+                tqdm.tqdm.write(text, file=sys.stderr)
+            else:
+                sys.stderr.write(text + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+def show_package_warnings() -> None:
+    """The warnings this package logs (a run that skips steps, data it changed) shown on stderr whatever the logging
+    set-up of the process (none, or a root logger set to a higher level by an imported module); called by the
+    command line. Idempotent."""
+    package = logging.getLogger(PROG.replace("-", "_"))
+    if package.getEffectiveLevel() > logging.WARNING:
+        package.setLevel(logging.WARNING)
+    if not any(isinstance(h, _PackageLogHandler) for h in package.handlers):
+        package.addHandler(_PackageLogHandler(logging.WARNING))
+
+
 def quiet_library_logs() -> None:
     """Drops bitsandbytes' import-time request to install `kernels` (see `_BNB_KERNELS_NOTICE`); call it before
     transformers, peft or bitsandbytes is imported (the command line does, first)."""
