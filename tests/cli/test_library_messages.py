@@ -93,3 +93,16 @@ def test_the_python_api_import_prints_no_request_to_install_kernels(name):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "kernels-community" not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_line_lets_openmp_threads_sleep_unless_told_otherwise(given, expected):
+    """`trl-kto-ext` sets OMP_WAIT_POLICY=PASSIVE before torch loads (spinning threads on shared cores made steps 8x
+    slower); a policy the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(ROOT)}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import sys, os, trl_kto_ext.__main__; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == [expected, "False"]  # set before torch was imported
