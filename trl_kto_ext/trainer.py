@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import Dataset
 from transformers import Trainer
 from trl import KTOConfig, KTOTrainer
 
@@ -171,7 +172,9 @@ class KTOExtTrainer(KTOTrainer):
             logger.warning(SINGLE_PROMPT_NOTE)  # no mismatched pair: z0 = 0 rather than a row paired with itself
             self._uses_kl = False
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
-            dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
+            # A stream with the pairing left unset: TRL's precompute refuses streams with its own message
+            if isinstance(dataset, Dataset) or not getattr(args, "kl_pairing_from_default", False):
+                dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
         return dataset
 
     def _set_signature_columns_if_needed(self):
