@@ -18,6 +18,7 @@ from trl_kto_ext.training.feature_options import (
     HUMANLINE_SYNC_STEPS,
     TRUNCATION_MODES,
     check_features,
+    resolve_kl_pairing,
     resolve_reference_sync,
 )
 
@@ -373,15 +374,6 @@ class KTOExtConfig(KTOConfig):
         self.__dict__.clear()  # nothing stale is kept: `bf16_from_default`, the cached device, `mixed_precision`
         self.__dict__.update(fresh.__dict__)
         return self
-
-
-def resolve_kl_pairing(config) -> None:
-    """Sets `config.kl_pairing` when it is None: "dataset" with `precompute_ref_log_probs` (the KL rows' reference
-    log-probs are cached with the targets', so a step runs no reference forward), "batch" otherwise; records in
-    `config.kl_pairing_from_default` whether it was unset (the start line says which pairing is used and why)."""
-    config.kl_pairing_from_default = config.kl_pairing is None
-    if config.kl_pairing is None:
-        config.kl_pairing = "dataset" if config.precompute_ref_log_probs else "batch"
 
 
 def _same(a, b) -> bool:
