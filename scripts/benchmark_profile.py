@@ -8,8 +8,10 @@ the policy's pass with gradients, its no-gradient passes (KL rows) and the refer
 Each figure is CPU seconds of this process per step (`time.process_time`), the mean over the steps after the warm-up
 ones, with wall seconds beside; a shared machine's wall clock mostly measures the scheduler.
 
+All arms run in one process, one after the other (memory is measured by scripts/benchmark.py, not here).
+
 Usage:
-    python scripts/benchmark_profile.py --model smollm2-135m --gradient-checkpointing --arms sft,ext_default
+    python scripts/benchmark_profile.py --model smollm2-135m --gradient-checkpointing --arms-to-profile sft,ext_default
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def profile(arm, settings: dict) -> dict:
     for phase in ("step",) + PHASES[:-1]:
         table[phase] = [sum(s.get(phase, [0, 0])[i] for s in measured) / len(measured) for i in (0, 1)]
     table["rest"] = [table["step"][i] - sum(table[p][i] for p in PHASES[:-1]) for i in (0, 1)]
-    return dict(arm=arm.name, phases=table, n_steps=len(measured), peak_rss_mb=result["peak_rss_mb"])
+    return dict(arm=arm.name, phases=table, n_steps=len(measured), median_cpu_step_s=result["median_cpu_step_s"])
 
 
 def main(argv=None) -> int:
