@@ -85,7 +85,8 @@ def profile(arm, settings: dict) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             clock.add("step", self.start)
-            clock.steps.append(dict(clock.step))
+            clock.steps.append({phase: list(v) for phase, v in clock.step.items()})
+            clock.step = defaultdict(lambda: [0.0, 0.0])  # passes after the last step (the one-pass timings) go here
 
     # run_arm builds the trainer and trains; hook in when `train()` starts, after the trainer exists.
     from transformers import Trainer
