@@ -11,7 +11,8 @@ Arms:
     trl_default     trl.KTOTrainer, its defaults (sequential sampler, live reference model)
     trl_precompute  trl.KTOTrainer, precompute_ref_log_probs=True
     ext_default     KTOExtTrainer, its defaults (shuffled sampler, live reference model)
-    ext_cached      KTOExtTrainer, precompute_ref_log_probs=True, kl_pairing="dataset" (shuffled sampler)
+    ext_precompute  KTOExtTrainer, precompute_ref_log_probs=True, the rest default (kl_pairing resolves to "dataset")
+    ext_cached      KTOExtTrainer, precompute_ref_log_probs=True, kl_pairing="dataset" set (the same run as above)
     ext_fastest     ext_cached plus kl_subset_size=k (k of the batch's KL rows estimate z0)
 
 Timing: a TrainerCallback records `time.perf_counter()` (wall clock) and `time.process_time()` (this process's CPU

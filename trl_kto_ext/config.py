@@ -18,6 +18,7 @@ from trl_kto_ext.training.feature_options import (
     HUMANLINE_SYNC_STEPS,
     TRUNCATION_MODES,
     check_features,
+    resolve_kl_pairing,
     resolve_reference_sync,
 )
 
@@ -65,9 +66,11 @@ class KTOExtConfig(KTOConfig):
             iterator) to count n_D and n_U; the printed loss-aversion line names what was counted.
         kl_pairing_seed (`int` or `None`, defaults to `None`):
             Seed of the random mismatched pairing used for the KL rows; `None` uses `seed`.
-        kl_pairing (`str`, defaults to `"batch"`):
+        kl_pairing (`str` or `None`, defaults to `None`):
             `"batch"` pairs inside each collated batch; `"dataset"` fixes one pairing over the training set so the
-            KL rows' reference log-probs can be cached with `precompute_ref_log_probs`.
+            KL rows' reference log-probs can be cached with `precompute_ref_log_probs`. Unset: `"dataset"` when
+            `precompute_ref_log_probs=True` (the cached step then runs no reference forward, as TRL's), else
+            `"batch"`; `kl_pairing_from_default` records that it was unset.
         kl_subset_size (`int` or `None`, defaults to `None`):
             Number of KL rows per batch used to estimate z0 (all when None).
         ref_cache (`bool`, defaults to `True`):
@@ -142,13 +145,14 @@ class KTOExtConfig(KTOConfig):
         metadata={"help": "Seed of the random mismatched (prompt, completion) pairing of the KL rows. None: `seed`."},
     )
 
-    kl_pairing: str = field(
-        default="batch",
+    kl_pairing: str | None = field(
+        default=None,
         metadata={
             "help": "Where the KL rows' mismatched completions come from. 'batch': a fresh random pairing inside each "
             "collated batch (the paper's estimator). 'dataset': one seeded random pairing of every training row with "
             "a row of another prompt, fixed for the run, so that with precompute_ref_log_probs the reference "
-            "log-probs of the KL rows are cached too (one forward fewer per step).",
+            "log-probs of the KL rows are cached too (no reference forward per step). Unset: 'dataset' with "
+            "precompute_ref_log_probs, 'batch' otherwise.",
             "choices": ["batch", "dataset"],
         },
     )
@@ -285,6 +289,7 @@ class KTOExtConfig(KTOConfig):
 
     def __post_init__(self):
         given = self._field_values()  # before anything is resolved: `refresh` re-derives from these
+        resolve_kl_pairing(self)  # unset: 'dataset' with precompute_ref_log_probs (no reference pass per step)
         resolve_reference_sync(self)  # TRL's sync fields left unset: TRL's defaults, or humanline's
         check_numbers(self)  # NaN, inf, sign, range: one line naming the field (before TrainingArguments' own checks)
         # TRL's default gradient_checkpointing=True would make transformers warn (deprecated alias) on every config;

@@ -84,8 +84,12 @@ def single_prompt(dataset) -> bool:
     return all(ids == first for ids in dataset["prompt_ids"])
 
 
-def add_dataset_kl_pairing(dataset, seed: int):
-    """Adds `KL_completion_ids`: each row's completion partner, a row with another prompt drawn at random."""
+def add_dataset_kl_pairing(dataset, seed: int, unset: bool = False):
+    """Adds `KL_completion_ids`: each row's completion partner, a row with another prompt drawn at random. A stream is
+    refused, or returned as it is when `unset` (kl_pairing left unset: TRL's precompute then refuses the stream with
+    its own message)."""
+    if not isinstance(dataset, Dataset) and unset:
+        return dataset
     if not isinstance(dataset, Dataset):
         raise ValueError("kl_pairing='dataset' needs a map-style Dataset (its length must be known); use 'batch'.")
     keys = [tuple(ids) for ids in dataset["prompt_ids"]]

@@ -87,6 +87,7 @@ class KTOExtTrainer(KTOTrainer):
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, **kwargs):
         args = as_ext_config(args, model)
         model, from_gguf = resolve_gguf(model, args, kwargs)  # a GGUF file trains and saves as a normal model
+        self._reference_source = model if isinstance(model, str) else None  # to reload a reference not kept
         options.check_trainer(model, args, kwargs)  # options needing an accelerator, a package, a model feature
         if isinstance(model, str) and asks_for_kbit(kwargs.get("quantization_config"), args.model_init_kwargs):
             check_kbit_backend(args.device.type)  # a clear message before any weights are loaded
@@ -172,7 +173,7 @@ class KTOExtTrainer(KTOTrainer):
             logger.warning(SINGLE_PROMPT_NOTE)  # no mismatched pair: z0 = 0 rather than a row paired with itself
             self._uses_kl = False
         if dataset_name == "train" and self._uses_kl and args.kl_pairing == "dataset":
-            dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args))
+            dataset = add_dataset_kl_pairing(dataset, _pairing_seed(args), getattr(args, "kl_pairing_from_default", 0))
         return dataset
 
     def _set_signature_columns_if_needed(self):
@@ -269,7 +270,7 @@ class KTOExtTrainer(KTOTrainer):
                     yield self.model
             elif self.ref_model is not None:
                 yield self.ref_model
-            elif self._host_reference is not None:
+            elif reference.host_reference(self) is not None:  # a reference not kept (all cached) is reloaded
                 with self._host_reference.on_device() as ref:
                     yield ref
             else:

@@ -55,6 +55,16 @@ NAMES: dict[str, tuple[str, str, str]] = {
         "add_fused_lm_head",
         "installs TRL's fused LM head on the reference copies the trainer makes",
     ),
+    "create_model_from_path": (
+        "trl.trainer.utils",
+        "create_model_from_path",
+        "reloads a reference that was not kept (every log-prob cached) as TRL loads a model given by its path",
+    ),
+    "hash_module": (
+        "trl.trainer.utils",
+        "hash_module",
+        "checks that a reloaded reference is the model whose log-probs were cached (TRL's precompute hash)",
+    ),
     "use_adapter": (
         "trl.trainer.utils",
         "use_adapter",

@@ -20,11 +20,13 @@ def kto_metrics(metrics):
     return {k: v for k, v in metrics.items() if not k.endswith(_TIMING) and k != "epoch"}
 
 
-def build(model, tokenizer, tmp_path, eval_dataset, peft=False, **overrides):
+def build(model, tokenizer, tmp_path, eval_dataset, peft=False, by_path=False, **overrides):
     values = dict(max_steps=4, learning_rate=1e-3, per_device_eval_batch_size=4, disable_dropout=True)
     values.update(overrides)
+    if by_path:  # as the CLI passes it: a reference not kept (every log-prob cached) is reloaded from the path
+        model.save_pretrained(tmp_path / "model")
     return KTOExtTrainer(
-        model=copy.deepcopy(model),
+        model=str(tmp_path / "model") if by_path else copy.deepcopy(model),
         args=cpu_args(tmp_path, **values),
         train_dataset=make_kto_dataset(16, seed=0),
         eval_dataset=eval_dataset,
@@ -67,6 +69,7 @@ def test_cached_reference_gives_the_same_eval_metrics(
             precompute_ref_log_probs=cached,
             kl_pairing=kl_pairing,
             loss_type=loss_type,
+            by_path=not peft,
         )
         runs[cached] = {name: kto_metrics(m) for name, m in every_entry_point(trainer).items()}
     for name, live in runs[False].items():
@@ -123,9 +126,11 @@ def _kl_logps(model, batch):
 
 
 def test_reference_is_kept_in_host_memory_and_not_on_the_policy(small_model, tiny_tokenizer, tmp_path):
+    eval_dataset = make_kto_dataset(8, seed=10, split="heldout")  # its KL rows need the reference: a copy is kept
     trainer = build(
-        small_model, tiny_tokenizer, tmp_path, None, precompute_ref_log_probs=True, kl_pairing="dataset", max_steps=2
-    )
+        small_model, tiny_tokenizer, tmp_path, eval_dataset, precompute_ref_log_probs=True, kl_pairing="dataset",
+        max_steps=2,
+    )  # fmt: skip
     trainer.train()
     kept = trainer._host_reference.model
     assert all(p.device.type == "cpu" for p in kept.parameters())

@@ -301,7 +301,7 @@ def test_reference_copy_runs_its_own_weights(tiny_default, tmp_path, from_path):
         add_fused_lm_head(model)  # as an earlier TRL trainer in the same session would have left it
     trainer = KTOExtTrainer(
         model=model,
-        args=cpu_args(tmp_path, precompute_ref_log_probs=True, per_device_train_batch_size=6),
+        args=cpu_args(tmp_path, precompute_ref_log_probs=True, kl_pairing="batch", per_device_train_batch_size=6),
         train_dataset=make_kto_dataset(24, seed=12),
         processing_class=tokenizer,
     )

@@ -73,6 +73,11 @@ CASES = [
     (False, "batch", 6, False, True),
     (True, "batch", 1, False, True),
     (True, "dataset", 4, True, True),
+    # kl_pairing unset with precompute: resolves to "dataset" (every reference log-prob cached)
+    (False, None, 3, True, False),
+    (True, None, 4, True, False),
+    # "batch" set with precompute: targets cached, the KL rows' reference runs per step
+    (False, "batch", 4, True, False),
 ]
 
 

@@ -102,7 +102,9 @@ def can_keep_host_reference(trainer) -> bool:
 
 def check_reference_available(trainer, what: str) -> None:
     """Raises a `RuntimeError` where a reference log-prob would come from the trained policy (full fine-tuning with
-    no reference kept, after the first update)."""
+    no reference kept, after the first update); a reference not kept because every log-prob was cached is rebuilt
+    from the model's path first ([`restore_released_reference`])."""
+    restore_released_reference(trainer, what)
     if (
         trainer.ref_model is None
         and trainer._host_reference is None
@@ -121,6 +123,7 @@ def check_reference_available(trainer, what: str) -> None:
 def reference_for_pass(trainer):
     """During an evaluation or prediction pass the reference kept in host memory is on the device and is the
     trainer's `ref_model`, so TRL's precompute and checks use it rather than the policy."""
+    restore_released_reference(trainer, "the reference log-probs of this pass")
     if trainer.ref_model is not None or trainer._host_reference is None:
         yield
         return
@@ -160,6 +163,64 @@ def keep_a_reference(trainer) -> None:
             trainer.ref_model = prepare_deepspeed(ref, trainer.accelerator)
         else:
             trainer.ref_model = trainer.accelerator.prepare_model(ref, evaluation_mode=True)
-    elif can_keep_host_reference(trainer):
+    elif can_keep_host_reference(trainer) and not every_log_prob_cached(trainer):
         trainer._host_reference = HostReference(trainer.model)
         add_fused_lm_head(trainer._host_reference.model)
+    elif can_keep_host_reference(trainer):
+        # Nothing in train() or in evaluating the eval sets given here runs the reference: no copy is kept (one copy
+        # of the weights less in memory). A dataset given later to evaluate/predict reloads it from the model's path.
+        trainer._reference_released = True
+
+
+def every_log_prob_cached(trainer) -> bool:
+    """Whether the training set and every eval set given to the trainer carry all the reference log-probs their
+    passes read (`ref_logps`, and `ref_KL_logps` where the KL term is used), so no pass runs the reference."""
+    if trainer.train_dataset is None or not trainer.precompute_ref_logps:
+        return False
+    evals = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
+    needed = ["ref_logps"] + (["ref_KL_logps"] if trainer._uses_kl else [])
+    for dataset in [trainer.train_dataset, *(d for d in evals.values() if d is not None)]:
+        if not all(name in (getattr(dataset, "column_names", None) or ()) for name in needed):
+            return False
+    return True
+
+
+def host_reference(trainer) -> HostReference | None:
+    """The trainer's reference kept in host memory, reloaded first where it was not kept
+    ([`restore_released_reference`])."""
+    restore_released_reference(trainer, "reference log-probs")
+    return trainer._host_reference
+
+
+def restore_released_reference(trainer, what: str) -> None:
+    """After training has started, rebuilds the reference that was not kept ([`keep_a_reference`]) from the path the
+    policy was loaded from, checked against the hash of the weights whose log-probs were cached, into host memory.
+
+    Raises:
+        RuntimeError: the policy was given as a model object (there is nothing to reload the reference from), or the
+            weights at its path have changed since the trainer was built.
+    """
+    if not getattr(trainer, "_reference_released", False) or trainer._host_reference is not None:
+        return
+    if trainer.state.global_step == 0:
+        return  # not updated yet: the policy is still the reference
+    source = getattr(trainer, "_reference_source", None)
+    if source is None:
+        raise RuntimeError(
+            f"Cannot compute {what}: with precompute_ref_log_probs=True every reference log-prob of training was "
+            "cached, so no reference model was kept, and the policy (given as a model object) has been updated since. "
+            "Give this dataset as `eval_dataset` when building the trainer, pass the model by its path (the "
+            "reference is then reloaded from it), or pass an explicit `ref_model`."
+        )
+    from trl_kto_ext.trl_internals import add_fused_lm_head, create_model_from_path, hash_module
+
+    kwargs = dict(trainer.args.model_init_kwargs or {})
+    kwargs.setdefault("trust_remote_code", trainer.args.trust_remote_code)
+    model = create_model_from_path(source, **kwargs)
+    if hash_module(model) != getattr(trainer, "_precompute_model_hash", None):
+        raise RuntimeError(
+            f"Cannot compute {what}: the reference reloaded from {source!r} is not the model whose log-probs were "
+            "cached (its files changed since the trainer was built). Restore those files, or build a new trainer."
+        )
+    trainer._host_reference = HostReference(model)
+    add_fused_lm_head(trainer._host_reference.model)

@@ -1,4 +1,5 @@
-"""Defaults and checks of the KTOExtConfig fields for scores to labels, truncation, humanline and reference sync."""
+"""Defaults and checks of the KTOExtConfig fields for scores to labels, truncation, humanline, reference sync and the
+KL pairing left unset."""
 
 from __future__ import annotations
 
@@ -53,3 +54,12 @@ def check_features(config) -> None:
         raise ValueError(f"`ref_model_sync_steps` must be a whole number of optimizer steps >= 1, got {steps!r}.")
     if not 0.0 < float(alpha) <= 1.0:
         raise ValueError(f"`ref_model_mixup_alpha` must lie in (0, 1], got {alpha!r}.")
+
+
+def resolve_kl_pairing(config) -> None:
+    """Sets `config.kl_pairing` when it is None: "dataset" with `precompute_ref_log_probs` (the KL rows' reference
+    log-probs are cached with the targets', so a step runs no reference forward), "batch" otherwise; records in
+    `config.kl_pairing_from_default` whether it was unset (the start line says which pairing is used and why)."""
+    config.kl_pairing_from_default = config.kl_pairing is None
+    if config.kl_pairing is None:
+        config.kl_pairing = "dataset" if config.precompute_ref_log_probs else "batch"
