@@ -7,8 +7,8 @@ import sys
 
 # OpenMP threads that spin while they wait for work (libgomp's default) make every parallel region wait for a thread
 # the OS has descheduled when the CPU cores are shared: 4 steps of configs/smollm2-offline.yaml took 180 s instead of
-# 23 s next to one other busy process on 2 cores. Threads that sleep cost little on an idle machine (see
-# docs/benchmark.md). It must be set before torch loads OpenMP; a value set by the user is kept.
+# 23 s on 2 cores running two other jobs; on idle cores sleeping threads cost 3% (14.5 s against 14.1 s). See
+# docs/benchmark.md ("Threads on shared cores"). Set before torch loads OpenMP; a value set by the user is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from trl_kto_ext.training.library_messages import quiet_library_logs  # noqa: E402

@@ -189,8 +189,7 @@ class KTOExtTrainer(KTOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         keep_4bit_layers_trainable(self.model, self.ref_model)  # TRL precomputes inside its __init__: before that
         reference.check_reference_available(self, f"the reference log-probs of the {name!r} dataset")
-        # With a pairing fixed over the dataset, the KL rows' reference log-probs are cached with the targets'.
-        # Otherwise only the targets' are: the KL rows change with every batch, so theirs are computed per step.
+        # A pairing fixed over the dataset caches the KL rows' reference log-probs too; else they are run per step.
         cache_kl = self._uses_kl and "KL_completion_ids" in dataset.column_names
         # One length-sorted, completion-only pass over target and KL sequences together, persisted on disk by the
         # reference weights' and the data's fingerprints (`ref_cache`); TRL's precompute where that does not apply.
