@@ -45,8 +45,8 @@ HUB = "trl-internal-testing"
 # Failures that are deliberate differences of KTOExtTrainer from TRL's KTOTrainer: test name -> the difference.
 DELIBERATE = {
     "test_evaluate_precompute_ref_log_probs_after_training_raises": "TRL refuses to evaluate a new dataset after "
-    "training with precompute_ref_log_probs and no ref_model; KTOExtTrainer keeps the untrained reference in host "
-    "memory and computes the right reference log-probs",
+    "training with precompute_ref_log_probs and no ref_model; KTOExtTrainer computes the right reference log-probs "
+    "(the untrained reference kept in host memory, or reloaded from the model's path and checked against its hash)",
     "test_train_model_dtype": "fp16 weights at learning_rate 0.1 diverge at step 4: TRL trains on into NaN weights "
     "(the test passes because NaN differs from the old values); KTOExtTrainer stops with NonFiniteLossError "
     "(on_nonfinite_loss='raise')",
