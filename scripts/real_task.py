@@ -36,6 +36,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from trl_kto_ext.training.library_messages import quiet_library_logs  # noqa: E402
+
+quiet_library_logs()  # before peft imports bitsandbytes (its request to install `kernels`, which nothing here uses)
+
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402

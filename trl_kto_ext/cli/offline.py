@@ -7,7 +7,16 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from trl_kto_ext.cli.help import help_groups
-from trl_kto_ext.cli.parsing import PROG, _fail, as_flags, format_config, new_parser, one_line_warnings, parse_args
+from trl_kto_ext.cli.parsing import (
+    PROG,
+    _fail,
+    as_flags,
+    format_config,
+    missing_file_hint,
+    new_parser,
+    one_line_warnings,
+    parse_args,
+)
 from trl_kto_ext.cli.run import resolve_model_path
 from trl_kto_ext.data.pipeline import COLUMNS, PreparedData
 from trl_kto_ext.models import TINY_DATASET, TINY_MODEL
@@ -86,7 +95,7 @@ def load_datasets(script_args, training_args) -> PreparedData:
             scores=training_args,  # label_mode, desirable_threshold, score_weighting for a `score` column
         )
     except (FileNotFoundError, ValueError) as err:
-        _fail(as_flags(str(err)))
+        _fail(as_flags(str(err)) + missing_file_hint(err))
     return data
 
 

@@ -17,6 +17,7 @@ from trl_kto_ext.cli.parsing import (
     as_flags,
     config_path,
     format_config,
+    missing_file_hint,
     new_parser,
     one_line_warnings,
     parse_args,
@@ -88,7 +89,7 @@ def load_prompt_dataset(script_args, seed: int):
     try:
         dataset = load_raw_dataset(name, split=split, dataset_config=script_args.dataset_config, text_columns=[column])
     except (FileNotFoundError, ValueError) as err:
-        _fail(f"could not load the prompts from {name!r}: {as_flags(str(err))}")
+        _fail(f"could not load the prompts from {name!r}: {as_flags(str(err))}{missing_file_hint(err)}")
     if column != "prompt" and column in dataset.column_names:
         dataset = dataset.rename_column(column, "prompt")
     if "prompt" not in dataset.column_names:

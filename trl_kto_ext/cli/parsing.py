@@ -196,6 +196,23 @@ def join_negative_values(args: list[str]) -> list[str]:
     return out
 
 
+_loaded_config: list[str] = []  # the --config file of this run, for missing_file_hint
+
+
+def missing_file_hint(err: Exception) -> str:
+    """For a missing data file: the step the run's config names in its launch line (`# Launch: ... (first: CMD)`,
+    as the shipped configs whose data a script writes), e.g. " configs/x.yaml says to run first: CMD."; else ""."""
+    if not isinstance(err, FileNotFoundError) or not _loaded_config:
+        return ""
+    try:
+        with open(_loaded_config[-1]) as handle:
+            first = handle.readline()
+    except OSError:
+        return ""
+    step = re.search(r"\(first: ([^)]+)\)", first)
+    return f" {_loaded_config[-1]} says to run first: {step.group(1).strip()}" if step else ""
+
+
 def parse_args(argv: list[str], parser: TrlParser) -> tuple[Any, ...]:
     """(script_args, training_args, model_args, print_config), from `--config FILE` and flags like `trl kto`."""
     args = join_negative_values(list(argv))
@@ -203,6 +220,7 @@ def parse_args(argv: list[str], parser: TrlParser) -> tuple[Any, ...]:
     if i is not None:
         path = args.pop(i).partition("=")[2] or (args.pop(i) if i < len(args) else _fail("--config needs a file."))
         config = load_yaml_config(path)
+        _loaded_config.append(path)
         env = config.pop("env", {})
         if not isinstance(env, dict):
             _fail(f"`env` in {path} must be a mapping of environment variables.")

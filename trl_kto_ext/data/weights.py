@@ -70,7 +70,9 @@ def add_weights(batch: dict[str, Any], examples: list[dict[str, Any]]) -> dict[s
 
     if examples and WEIGHT in examples[0]:
         # Streamed rows past the first checked ones reach training unchecked: a NaN weight would surface as a NaN loss.
-        bad = [(i, problem) for i, ex in enumerate(examples) if (problem := weight_problem(ex.get(WEIGHT))) is not None]
+        bad = [
+            (i, problem) for i, ex in enumerate(examples) if (problem := weight_problem(ex.get(WEIGHT))) is not None
+        ]
         if bad:
             raise UserInputError(
                 f"The weight of row {bad[0][0]} of a training batch (counting from 0) {bad[0][1]}: weights must be "
