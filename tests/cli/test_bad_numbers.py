@@ -171,3 +171,18 @@ def test_negative_values_in_any_notation_stay_values():
         "--c",
         "-e5",
     ]
+
+
+def test_a_negative_first_value_of_a_list_option_stays_a_list():
+    """`--reward_weights -1 2` (a list option) keeps both values; joining would leave `2` a stray argument."""
+    from trl_kto_ext.cli.online import make_parser
+    from trl_kto_ext.cli.parsing import _takes_one_value, join_negative_values
+
+    single = _takes_one_value(make_parser())
+    assert join_negative_values(["--reward_weights", "-1e-1", "2", "--beta", "-1e-8"], single) == [
+        "--reward_weights",
+        "-1e-1",
+        "2",
+        "--beta=-1e-8",
+    ]
+    assert single("--reward_weights") is False and single("--learning_rate") is True and single("--nope") is False

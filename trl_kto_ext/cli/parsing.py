@@ -185,15 +185,27 @@ def config_path(argv: list[str]) -> str | None:
 _NEGATIVE_NUMBER = re.compile(r"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|-(?:inf|infinity|nan)", re.IGNORECASE)
 
 
-def join_negative_values(args: list[str]) -> list[str]:
-    """`--opt -1e-8` as `--opt=-1e-8`, so a negative value in any notation reaches the option's own range check."""
+def join_negative_values(
+    args: list[str], single_value: typing.Callable[[str], bool] = lambda option: True
+) -> list[str]:
+    """`--opt -1e-8` as `--opt=-1e-8`, so a negative value in any notation reaches the option's own range check.
+    Only for options that take one value (`single_value(option)`): `--reward_weights -1 2` stays as given."""
     out = []
     for arg in args:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.fullmatch(arg):
-            out[-1] = f"{out[-1]}={arg}"
+        last = out[-1] if out else ""
+        if last.startswith("--") and "=" not in last and _NEGATIVE_NUMBER.fullmatch(arg) and single_value(last):
+            out[-1] = f"{last}={arg}"
         else:
             out.append(arg)
     return out
+
+
+def _takes_one_value(parser: argparse.ArgumentParser) -> typing.Callable[[str], bool]:
+    def single(option: str) -> bool:
+        action = parser._option_string_actions.get(option)
+        return action is not None and action.nargs in (None, "?", 1)
+
+    return single
 
 
 _loaded_config: list[str] = []  # the --config file of this run, for missing_file_hint
@@ -215,7 +227,7 @@ def missing_file_hint(err: Exception) -> str:
 
 def parse_args(argv: list[str], parser: TrlParser) -> tuple[Any, ...]:
     """(script_args, training_args, model_args, print_config), from `--config FILE` and flags like `trl kto`."""
-    args = join_negative_values(list(argv))
+    args = join_negative_values(list(argv), _takes_one_value(parser))
     i = next((i for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")), None)
     if i is not None:
         path = args.pop(i).partition("=")[2] or (args.pop(i) if i < len(args) else _fail("--config needs a file."))
