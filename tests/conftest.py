@@ -24,6 +24,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_KTO_EXT_REF_CACHE", tempfile.mkdtemp(prefix="trl-kto-ext-ref-cache-"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: the tiny model's matrices are so small that a second thread only adds
+    synchronisation (and, with other processes on the two cores, much waiting). Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_default():
     from trl_kto_ext.models.tiny import build_tiny_default

@@ -16,14 +16,7 @@ from trl_kto_ext.models.tiny import make_kto_dataset
 N_ROWS = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The matrices of the tiny model are so small that a second thread only adds synchronisation (and, with other
-    # processes on the two cores, much waiting).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model: a second thread only waits
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ TOLERANCE = {"cpu": dict(rtol=1e-5, atol=1e-4), "cuda": dict(rtol=2e-2, atol=0.2
 ROUNDTRIP_TOLERANCE = {"cpu": dict(rtol=1e-2, atol=5e-2), "cuda": dict(rtol=5e-2, atol=0.5)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model: a second thread only waits
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["12+3=", "45+7=", "8+9=", "60+4=", "33+8=", "71+2="]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model's matrices are too small for a second thread to help
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model: a second thread only waits
 
 
 def online_args(output_dir, **overrides):

@@ -6,7 +6,9 @@ import re
 
 import pytest
 from datasets import Dataset
-from test_online import PROMPTS, _one_thread, make_trainer, online_args, prompt_rows  # noqa: F401  (fixture)
+from test_online import PROMPTS, make_trainer, online_args, prompt_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model: a second thread only waits
 
 
 def _sample_error(tiny_default, tmp_path, func, error=ValueError) -> str:

@@ -16,12 +16,7 @@ from trl_kto_ext.online.rewards import call_reward_func, combine_rewards
 LOGGER = "trl_kto_ext.training.guards"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model: a second thread only waits
 
 
 def contrast_on_calls(calls):

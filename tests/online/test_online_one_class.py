@@ -15,12 +15,7 @@ from trl_kto_ext.online.one_class import drop_one_class_groups
 LOGGER = "trl_kto_ext.online.trainer"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model: a second thread only waits
 
 
 def always(value):
