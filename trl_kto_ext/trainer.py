@@ -220,7 +220,9 @@ class KTOExtTrainer(KTOTrainer):
             logps = SequenceLogps(
                 policy=outputs.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1),
                 reference=reference,
-                kl_policy=self._compute_kl_logps(model, batch) if self.calculate_KL else reference[:0],
+                kl_policy=fast_path(self).policy_kl_logps(model, batch, self._compute_kl_logps)
+                if self.calculate_KL
+                else reference[:0],
                 kl_reference=kl_reference if self.calculate_KL else reference[:0],  # no KL rows: z0 = 0
             )
         lambdas = (self.beta, self.desirable_weight, self.undesirable_weight)
@@ -314,11 +316,8 @@ class KTOExtTrainer(KTOTrainer):
 
     def _compute_kl_logps(self, model, batch):
         # Log-probs only (no entropy / mean logits), completion positions only, length-bucketed; else TRL's.
-        fast = (
-            fast_path(self).sequence_logps(model, batch, KL_KEYS)
-            if self.calculate_KL and self._only_text(batch)
-            else None
-        )
+        use_fast = self.calculate_KL and self._only_text(batch)
+        fast = fast_path(self).sequence_logps(model, batch, KL_KEYS) if use_fast else None
         return fast if fast is not None else super()._compute_kl_logps(model, batch)
 
     def _global_reference_point(self, kl_logratios: torch.Tensor) -> torch.Tensor:

@@ -259,6 +259,7 @@ def completion_logps(
     completion_mask: torch.Tensor,
     fields: tuple[str, ...] = ("log_probs",),
     bucket_overhead_tokens: int | None = None,
+    call_kwargs: Callable[[list[int]], dict] | None = None,
     **model_kwargs,
 ) -> FusedCausalLMOutput:
     """Per-token log-probs (and the other `fields`) of the completion tokens, through a model whose causal LM has
@@ -269,6 +270,8 @@ def completion_logps(
         fields: per-token outputs to compute, among `"log_probs"`, `"entropy"`, `"mean_logits"`.
         bucket_overhead_tokens: when not None, the rows are run in length buckets ([`length_buckets`]), each trimmed
             to its longest row (exact: trailing padding of a causal model changes no earlier position). None: one call.
+        call_kwargs: given the batch rows of one forward call (in the order that call runs them), further inputs of
+            that call only (e.g. a cache recording the prompts' keys and values).
         model_kwargs: further model inputs; [B, T] tensors among them are split with the rows.
 
     Returns:
@@ -279,8 +282,14 @@ def completion_logps(
     lengths = right_padded_lengths(attention_mask) if bucket_overhead_tokens is not None else None
     groups = length_buckets(lengths, bucket_overhead_tokens) if lengths is not None else None
     if groups is None or len(groups) == 1:
+        extra = call_kwargs(list(range(input_ids.size(0)))) if call_kwargs else {}
         return model(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, completion_only=fields, **model_kwargs
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            completion_only=fields,
+            **model_kwargs,
+            **extra,
         )
     width = input_ids.size(1) - 1
     pieces = {}
@@ -291,6 +300,7 @@ def completion_logps(
             k: (v[index, :length] if isinstance(v, torch.Tensor) and v.shape[:2] == input_ids.shape else v)
             for k, v in model_kwargs.items()
         }
+        extra.update(call_kwargs(rows) if call_kwargs else {})
         out = model(
             input_ids=input_ids[index, :length],
             attention_mask=attention_mask[index, :length],

@@ -10,7 +10,7 @@ import torch
 from accelerate.utils import is_peft_model
 
 from trl_kto_ext.logprobs import completion as logps
-from trl_kto_ext.logprobs import shared_prompt
+from trl_kto_ext.logprobs import prompt_reuse, shared_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class FastPath:
         self._verdict: dict[int, bool] = {}
         self._packing_verdict: dict[int, bool] = {}
         self._shared_verdict: dict[int, bool] = {}
+        self._reuse_verdict: dict[int, bool] = {}  # the policy's KL rows continued from its recorded prompts
+        self._recording: prompt_reuse.Recording | None = None
         self._said: set[tuple[str, str]] = set()  # fallback reasons already logged
 
     # ------------------------------------------------------------------------------------------------ passes
@@ -54,15 +56,76 @@ class FastPath:
         if not self._usable(model, batch, TARGET_KEYS):
             return None
         extra = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")}
-        return logps.completion_logps(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["completion_mask"],
-            fields=("log_probs", "entropy", "mean_logits"),
-            bucket_overhead_tokens=self._overhead(grad=True),
-            **extra,
-        )
+        recording, call_kwargs = self._recorder(model, batch)
+        keep_cache = prompt_reuse.cache_kept_under_checkpointing(self.causal_lm(model)) if recording else None
+        with keep_cache or contextlib.nullcontext():
+            out = logps.completion_logps(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                fields=("log_probs", "entropy", "mean_logits"),
+                bucket_overhead_tokens=self._overhead(grad=True),
+                call_kwargs=call_kwargs,
+                **extra,
+            )
+        self._recording = recording
+        return out
+
+    def _recorder(self, model, batch):
+        """(recording, call_kwargs) for the policy's gradient pass where its KL rows can continue from the prompts'
+        keys and values (every KL row i has row i's prompt, text only, one process), else (None, None)."""
+        self._recording = None
+        t, lm = self.trainer, self.causal_lm(model)
+        if not t.calculate_KL or getattr(t.args, "humanline", False) or not t._only_text(batch):
+            return None, None
+        if self._overhead(grad=False) is None or self._reuse_verdict.get(id(lm)) is False:
+            return None, None
+        rows = shared_prompt.rows_from_batch(batch)
+        if rows is None:
+            return None, None
+        prompts, completions = rows
+        kl = [c[1] for c in completions]
+        recording = prompt_reuse.Recording(id(batch["KL_input_ids"]), id(lm), prompts, kl, [])
+
+        def call_kwargs(call_rows: list[int]) -> dict:
+            keep = max(len(prompts[i]) for i in call_rows) - 1
+            recorder = prompt_reuse.PromptRecorder(lm.config, keep) if keep > 0 else None
+            recording.calls.append((call_rows, recorder))
+            return {} if recorder is None else {"cache": recorder}
+
+        return recording, call_kwargs
+
+    def policy_kl_logps(self, model, batch, fallback: Callable) -> torch.Tensor:
+        """Summed log-probs [K] of the policy's KL rows, continued from the prompt keys and values that the policy's
+        gradient pass over the same batch recorded ([`prompt_reuse.continued_kl_logps`]) where that applies and the
+        first check per model shows it exact; else `fallback(model, batch)` (the KL rows run in full)."""
+        recording, self._recording = self._recording, None
+        lm = self.causal_lm(model)
+        if recording is None or (recording.batch_id, recording.model_id) != (id(batch["KL_input_ids"]), id(lm)):
+            return fallback(model, batch)
+        verdict, reason = self._reuse_verdict.get(id(lm)), None
+        if not prompt_reuse.complete(recording, lm.config.get_text_config().num_hidden_layers):
+            reason = "its decoder layers did not pass the cache on"
+        else:
+            try:
+                with self.trainer.accelerator.autocast():
+                    values = prompt_reuse.continued_kl_logps(
+                        lm, logps.installed_head_settings(lm), recording, self._pad_id, self._overhead(grad=False)
+                    )
+            except Exception as error:  # e.g. a cache layout this model does not take back
+                reason = f"the continued forward failed ({_one_line(error)})"
+        if verdict is None and reason is None:
+            expected = fallback(model, batch)
+            error = _relative_error(values, expected)
+            if not error <= self._tolerance:
+                reason = f"its continued KL log-probs differ from the full pass by {error:.2e} (relative)"
+        if reason is not None:
+            self._reuse_verdict[id(lm)] = False
+            self._say(model, reason, "Running the policy's KL rows in full (prompt included)")
+            return fallback(model, batch)
+        self._reuse_verdict[id(lm)] = True
+        return values
 
     @torch.no_grad()
     def sequence_logps(self, model, batch, keys) -> torch.Tensor | None:
