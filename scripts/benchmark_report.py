@@ -160,6 +160,21 @@ def _fmt(value, spec=".3f", none="n/a") -> str:
 _STAT_TEXT = {"mean": "mean over one whole epoch (every step)", "median": "median of the measured steps"}
 
 
+def _model_text(row: dict, settings: dict) -> str:
+    """E.g. "SmolLM2-135M-Instruct, real weights (Llama 134.5M params, vocab 49152)", or "Llama 22.7M params, vocab
+    32000" for the preset's own random-weight Llama."""
+    arch = "Qwen2" if settings.get("arch") == "qwen2" else "Llama"
+    text = f"{arch} {row['n_params'] / 1e6:.1f}M params, vocab {settings['vocab_size']}"
+    return f"{settings['model_label']} ({text})" if settings.get("model_label") else text
+
+
+def _row_tokens_text(row: dict) -> str:
+    """The mean tokens per row (prompt + completion) as the tokenizer gives them back, next to the drawn mean."""
+    if row.get("real_tokens_per_row") is None:
+        return ""
+    return f" (mean {row['real_tokens_per_row']:.1f} tokens/row re-tokenized, {row['drawn_tokens_per_row']:.1f} drawn)"
+
+
 def format_table(rows: list[dict], settings: dict, meta: dict) -> str:
     """The per-arm Markdown table, headed by the settings; column headers name the statistic actually used."""
     first = rows[0]
@@ -167,10 +182,10 @@ def format_table(rows: list[dict], settings: dict, meta: dict) -> str:
     header = (
         f"precision: {'bf16 (autocast)' if settings['bf16'] else 'fp32'} | gradient checkpointing: "
         f"{'on' if settings['gradient_checkpointing'] else 'off'} | device: {first['device']} "
-        f"({first['torch_threads']} threads) | model: Llama {first['n_params'] / 1e6:.1f}M params, vocab "
-        f"{settings['vocab_size']} | batch {settings['batch_size']} | prompt {settings['prompt_len'][0]}-"
+        f"({first['torch_threads']} threads) | model: {_model_text(first, settings)} | batch {settings['batch_size']} "
+        f"| prompt {settings['prompt_len'][0]}-"
         f"{settings['prompt_len'][1]} + completion {settings['completion_len'][0]}-{settings['completion_len'][1]} "
-        f"tokens | steps: {settings['warmup_steps']} warm-up + {settings['steps']} measured"
+        f"tokens{_row_tokens_text(first)} | steps: {settings['warmup_steps']} warm-up + {settings['steps']} measured"
         f" | s/step: {_STAT_TEXT[step_statistic(settings)]}"
         f"{' x ' + str(first['repeats']) + ' repeats' if first['repeats'] > 1 else ''} | load avg at start "
         f"{meta['loadavg_start']}"

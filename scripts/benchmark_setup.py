@@ -182,12 +182,26 @@ SMOLLM2_135M = dict(
 )
 
 
+# What the table's header says of each model besides its architecture, size and vocabulary.
+MODEL_LABELS = {
+    "smollm2-135m": "SmolLM2-135M shape, random weights",
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct, real weights",
+    "qwen2-0.5b": "Qwen2-0.5B shape, random weights",
+}
+
+
 def settings_from_args(args) -> dict:
     preset = dict(PRESETS["quick" if args.quick else "full"])
-    if getattr(args, "model", "llama") == "qwen2-0.5b":
+    model = getattr(args, "model", "llama")
+    if model == "qwen2-0.5b":
         preset.update(QWEN2_05B)
-    if getattr(args, "model", "llama") == "smollm2-135m" and not args.quick:
+    if model in ("smollm2-135m", "smollm2-135m-instruct") and not args.quick:
         preset.update(SMOLLM2_135M)
+    if model == "smollm2-135m-instruct":
+        # The real model, tokenizer and vocabulary in every mode (`--quick` keeps its rows and steps: a smoke run).
+        preset.update(real_model=True, arch="llama", vocab_size=SMOLLM2_135M["vocab_size"])
+    if model in MODEL_LABELS:
+        preset["model_label"] = MODEL_LABELS[model]
     if getattr(args, "shape", "short") == "chat":
         preset.update(CHAT_SHAPES["quick" if args.quick else "full"], length_dist="lognormal", aggregate="mean")
         preset["warmup_steps"] = 0
@@ -199,6 +213,7 @@ def settings_from_args(args) -> dict:
     total_steps = preset["warmup_steps"] + preset["steps"]
     return dict(
         preset,
+        model=model,
         mode="quick" if args.quick else "full",
         batch_size=args.batch_size,
         kl_subset_size=args.kl_subset_size,
@@ -234,8 +249,20 @@ def build_tokenizer(vocab_size: int):
     )
 
 
-def build_rows(settings: dict) -> dict[str, list]:
-    """Prompt/completion/label columns of random words, exactly half desirable.
+def build_data(settings: dict):
+    """(tokenizer, rows): the synthetic WordLevel tokenizer and words "w<i>", or, for the real model, its own tokenizer
+    and rows of real vocabulary words that are one token each after a space (so a row's drawn length is its length)."""
+    if settings.get("real_model"):
+        from benchmark_real import real_tokenizer, single_token_words
+
+        tokenizer = real_tokenizer()
+        return tokenizer, build_rows(settings, single_token_words(tokenizer))
+    return build_tokenizer(settings["vocab_size"]), build_rows(settings)
+
+
+def build_rows(settings: dict, vocab: list[str] | None = None) -> dict[str, list]:
+    """Prompt/completion/label columns of random words, exactly half desirable. `vocab`: the words to draw from (each
+    written after a space, prompts included), default the synthetic "w0", "w1", ... joined by spaces.
 
     Lengths are drawn uniformly in the preset's ranges once per pair of rows, and each pair gives one desirable and one
     undesirable row: the desirable rows alone (the SFT arm's data, two epochs of it) hold the same tokens as the whole
@@ -247,7 +274,12 @@ def build_rows(settings: dict) -> dict[str, list]:
     n = settings["n_rows"]
 
     def words(length):
+        # the same random draws either way, so the real rows have the synthetic ones' lengths for the same vocab_size
+        if vocab is not None:
+            return "".join(" " + vocab[rng.randrange(n_words) % len(vocab)] for _ in range(length))
         return " ".join(f"w{rng.randrange(n_words)}" for _ in range(length))
+
+    space = "" if vocab is not None else " "  # the completion's leading space (real words carry their own)
 
     examples = []
     for _ in range(n // 2):
@@ -257,7 +289,7 @@ def build_rows(settings: dict) -> dict[str, list]:
         else:
             prompt_len, completion_len = rng.randint(*settings["prompt_len"]), rng.randint(*settings["completion_len"])
         for label in (True, False):
-            examples.append((words(prompt_len), " " + words(completion_len), label))
+            examples.append((words(prompt_len), space + words(completion_len), label))
     rng.shuffle(examples)
     return {
         "prompt": [e[0] for e in examples],
@@ -274,6 +306,10 @@ def build_model(settings: dict, tokenizer):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    if settings.get("real_model"):
+        from benchmark_real import real_model
+
+        return real_model()
     if settings.get("arch") == "qwen2":
         config = Qwen2Config(
             vocab_size=len(tokenizer),

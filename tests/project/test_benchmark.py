@@ -124,6 +124,58 @@ def test_chat_shape_is_long_tailed_with_the_stated_medians():
     assert settings["aggregate"] == "mean" and settings["warmup_steps"] == 0
 
 
+@pytest.mark.real_model
+@pytest.mark.parametrize("shape", ["short", "chat"])
+def test_real_model_rows_tokenize_to_the_drawn_lengths(shape):
+    """`--model smollm2-135m-instruct`: SmolLM2's own tokenizer, rows of real words that re-tokenize to exactly the
+    drawn lengths, and those lengths (and labels) the same as the random-weight `smollm2-135m` preset's."""
+    import argparse
+
+    from benchmark_real import REAL_MODEL_LABEL, real_model_path
+    from benchmark_setup import build_data, build_rows, settings_from_args
+
+    from trl_kto_ext.models.smollm2 import FetchError
+
+    try:
+        real_model_path()
+    except (FetchError, ImportError) as err:
+        pytest.skip(f"SmolLM2-135M-Instruct could not be fetched and converted: {err}")
+
+    def settings(model):
+        args = argparse.Namespace(
+            quick=False, shape=shape, model=model, steps=None, warmup_steps=None, batch_size=8, kl_subset_size=2,
+            bf16=False, gradient_checkpointing=False, seed=0, threads=1,
+        )  # fmt: skip
+        return settings_from_args(args)
+
+    real = settings("smollm2-135m-instruct")
+    assert real["real_model"] and real["vocab_size"] == 49152 and real["model_label"] == REAL_MODEL_LABEL
+    tokenizer, rows = build_data(real)
+    assert len(tokenizer) == 49152 and len(rows["prompt"]) == real["n_rows"]
+    for column in ("prompt", "completion"):
+        drawn = [len(text.split()) for text in rows[column]]
+        ids = tokenizer(rows[column], add_special_tokens=False)["input_ids"]
+        assert [len(i) for i in ids] == drawn, column
+    texts = [p + c for p, c in zip(rows["prompt"], rows["completion"])]
+    joined = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert [len(i) for i in joined] == [len(text.split()) for text in texts]
+    synthetic = build_rows(settings("smollm2-135m"))
+    assert [len(p.split()) for p in synthetic["prompt"]] == [len(p.split()) for p in rows["prompt"]]
+    assert [len(c.split()) for c in synthetic["completion"]] == [len(c.split()) for c in rows["completion"]]
+    assert synthetic["label"] == rows["label"]
+
+
+def test_table_header_names_the_model():
+    from benchmark_report import _model_text, _row_tokens_text
+
+    row = dict(n_params=134_515_008, real_tokens_per_row=43.4, drawn_tokens_per_row=43.4)
+    real = dict(vocab_size=49152, arch="llama", model_label="SmolLM2-135M-Instruct, real weights")
+    assert _model_text(row, real) == "SmolLM2-135M-Instruct, real weights (Llama 134.5M params, vocab 49152)"
+    assert _model_text(dict(row, n_params=22.7e6), dict(vocab_size=32000)) == "Llama 22.7M params, vocab 32000"
+    assert _row_tokens_text(row) == " (mean 43.4 tokens/row re-tokenized, 43.4 drawn)"
+    assert _row_tokens_text({}) == ""
+
+
 # ---------------------------------------------------------------------------------------- report, synthetic input
 
 # (arm, s/step, CPU s/step, peak RSS MB, precompute s, precompute CPU s); one repeat each, no warm-up step
