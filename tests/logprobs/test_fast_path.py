@@ -154,6 +154,8 @@ def test_loss_z0_rewards_equal_a_padded_computation(
     assert trainer._fast_path._verdict and all(trainer._fast_path._verdict.values())
     assert "path off" not in caplog.text and "packing" not in caplog.text
     assert bool(trainer._fast_path._packing_verdict) == packed
+    # the policy's KL rows continued from the prompts of its gradient pass (prompt_reuse), checked exact on batch 1
+    assert list(trainer._fast_path._reuse_verdict.values()) == [True]
     assert all(trainer._fast_path._packing_verdict.values())
 
 
@@ -349,6 +351,7 @@ def test_fast_path_is_used_for_policy_and_reference(small_model, tiny_tokenizer,
                     got = completion_logps(model, *target).log_probs.sum(-1).double()
                 assert torch.allclose(got, wanted, rtol=1e-6, atol=0)
     assert set(path._verdict) == lms and all(path._verdict.values())
+    assert list(path._reuse_verdict.values()) == [True]  # the policy's KL rows continued, also under bf16 autocast
 
 
 def test_fallback_is_said_once_per_trainer(small_model, tiny_tokenizer, tmp_path, caplog):

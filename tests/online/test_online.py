@@ -204,8 +204,13 @@ def test_cli_config_smoke_run(tiny_default, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------------- loss
+def alternating_reward(prompts, completions, **kwargs):
+    """1, 0, 1, 0, ... over the samples: every prompt's group gets both labels whatever the model samples."""
+    return [float(i % 2 == 0) for i in range(len(completions))]
+
+
 def test_one_step_loss_matches_float64_recomputation(tiny_default, tmp_path):
-    trainer = make_trainer(tiny_default, tmp_path, beta=0.3)
+    trainer = make_trainer(tiny_default, tmp_path, reward_funcs=alternating_reward, beta=0.3)
     with torch.no_grad():  # move the policy away from the reference, so the log-ratios are not all zero
         generator = torch.Generator().manual_seed(0)
         for p in trainer.model.parameters():
