@@ -73,7 +73,7 @@ def arms_for(kl_subset_size: int, batch_size: int) -> list[Arm]:
             "ext_default",
             "KTOExtTrainer defaults (shuffled)",
             "ext",
-            passes="1 fwd+bwd + 3 fwd (policy KL, ref KL, ref target)",
+            passes="1 fwd+bwd + 3 fwd (policy KL: completions only; ref target + KL: each prompt once)",
             no_grad_forwards=3,
         ),
         Arm(
@@ -81,7 +81,7 @@ def arms_for(kl_subset_size: int, batch_size: int) -> list[Arm]:
             "KTOExtTrainer precompute_ref_log_probs (rest default)",
             "ext",
             precompute=True,
-            passes="1 fwd+bwd + 1 fwd (policy KL)",
+            passes="1 fwd+bwd + 1 fwd (policy KL: completions only)",
             no_grad_forwards=1,
         ),
         Arm(
@@ -90,7 +90,7 @@ def arms_for(kl_subset_size: int, batch_size: int) -> list[Arm]:
             "ext",
             precompute=True,
             kl_pairing="dataset",
-            passes="1 fwd+bwd + 1 fwd (policy KL)",
+            passes="1 fwd+bwd + 1 fwd (policy KL: completions only)",
             no_grad_forwards=1,
         ),
         Arm(
