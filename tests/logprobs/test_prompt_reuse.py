@@ -75,6 +75,9 @@ def test_the_recorder_keeps_the_first_write_and_changes_nothing(small_model):
         torch.equal(recorder.recorded[i][0], k) and torch.equal(recorder.recorded[i][1], v)
         for i, (k, v) in first.items()
     )
+    recorder.close()  # after the KL rows are scored: memory freed, the backward's recompute records nothing
+    completion_logps(model, ids, mask, completion, call_kwargs=lambda rows: {"cache": recorder})
+    assert recorder.recorded == {}
 
 
 def _trainer(model, tokenizer, tmp_path, checkpointing, **overrides):

@@ -115,6 +115,7 @@ class FastPath:
                     )
             except Exception as error:  # e.g. a cache layout this model does not take back
                 reason = f"the continued forward failed ({_one_line(error)})"
+        prompt_reuse.close(recording)  # the recorders stay referenced by a checkpointed forward until its backward
         if verdict is None and reason is None:
             expected = fallback(model, batch)
             error = _relative_error(values, expected)

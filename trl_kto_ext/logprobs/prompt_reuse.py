@@ -31,11 +31,17 @@ class PromptRecorder(DynamicCache):
         super().__init__(config=config)
         self.keep = keep
         self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.closed = False
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx not in self.recorded:
+        if not self.closed and layer_idx not in self.recorded:
             self.recorded[layer_idx] = tuple(s[:, :, : self.keep].detach().clone() for s in (key_states, value_states))
         return key_states, value_states
+
+    def close(self) -> None:
+        """Frees what was recorded and records nothing more (the recorder lives on in the checkpointed forward's
+        arguments until the backward pass)."""
+        self.recorded, self.closed = {}, True
 
 
 @dataclass
@@ -68,6 +74,13 @@ def cache_kept_under_checkpointing(lm: torch.nn.Module) -> Iterator[None]:
                 del m._can_checkpoint_with_cache
             else:
                 m._can_checkpoint_with_cache = value
+
+
+def close(recording: Recording) -> None:
+    """Frees the recorded keys and values of every call ([`PromptRecorder.close`])."""
+    for _, recorder in recording.calls:
+        if recorder is not None:
+            recorder.close()
 
 
 def complete(recording: Recording, n_layers: int) -> bool:
