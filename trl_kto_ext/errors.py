@@ -1,8 +1,13 @@
 """Faults of the user's data, functions or settings found while training runs (a reward function's output, a streamed
 row, a diverging loss): the command line prints them as one line `trl-kto-ext: error: ...`, while any other exception
-raised during training is a bug and keeps its traceback. Standard library only."""
+raised during training is a bug and keeps its traceback; and the mark of a logged line that is news rather than a
+problem. Standard library only."""
 
 from __future__ import annotations
+
+# `extra=` of a logged line that reports what happened rather than a problem (a reference-cache hit, say): logged at
+# WARNING so that it shows, printed on the command line without the `warning:` label (training/library_messages.py).
+NOTICE = {"notice": True}
 
 
 class UserFault(Exception):

@@ -87,6 +87,24 @@ def test_unknown_yaml_key_names_the_closest_valid_key(tmp_path):
     assert "Did you mean `learning_rate`?" in message
 
 
+@pytest.mark.parametrize("key,meant", [("batch_size", "per_device_train_batch_size"), ("lr", "learning_rate")])
+def test_another_tools_option_name_suggests_ours(tmp_path, key, meant):
+    config = _write(tmp_path / "c.yaml", f"model_name_or_path: tiny\n{key}: 4\n")
+    assert f"Did you mean `{meant}`?" in _error(["--config", config])
+    assert f"Did you mean `--{meant}`?" in _error([f"--{key}", "4"])
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    config = _write(tmp_path / "c.yaml", "model_name_or_path: tiny\nbeta: 0.1\nmax_steps: 3\nbeta: 0.5\n")
+    assert "`beta` is given twice (lines 2 and 4): keep one" in _error(["--config", config])
+
+
+def test_a_nested_section_says_options_are_top_level(tmp_path):
+    config = _write(tmp_path / "c.yaml", "model_name_or_path: tiny\ntraining:\n  beta: 0.1\n  max_steps: 3\n")
+    message = _error(["--config", config])
+    assert "unknown key `training`" in message and "every option is a top-level key of the file" in message
+
+
 @pytest.mark.parametrize(
     "flag,closest", [("--learning-rat", "learning_rate"), ("--bta", "beta"), ("--max_step", "max_steps")]
 )

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from trl_kto_ext.errors import NOTICE
 from trl_kto_ext.training import library_messages
 from trl_kto_ext.training.library_messages import format_warning, warning_source
 
@@ -106,3 +107,17 @@ def test_the_command_line_lets_openmp_threads_sleep_unless_told_otherwise(given,
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == [expected, "False"]  # set before torch was imported
+
+
+def test_a_notice_is_printed_without_the_warning_label(capsys):
+    """A status line logged with `extra=NOTICE` (a reference-cache hit) shows as `trl-kto-ext: ...`, a warning as
+    `trl-kto-ext: warning: ...`."""
+    import logging
+
+    library_messages.show_package_warnings()
+    logger = logging.getLogger("trl_kto_ext.test_notice")
+    logger.warning("Reference log-probs for the train set: cache hit", extra=NOTICE)
+    logger.warning("something to act on")
+    lines = capsys.readouterr().err.splitlines()
+    assert "trl-kto-ext: Reference log-probs for the train set: cache hit" in lines
+    assert "trl-kto-ext: warning: something to act on" in lines

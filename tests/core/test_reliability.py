@@ -117,6 +117,12 @@ def test_empty_prompt_or_completion_names_the_row(small_model, tiny_tokenizer, t
     ) as err:
         make_trainer(small_model, tiny_tokenizer, dataset, tmp_path)
     assert "Fill in or drop such rows, e.g. `dataset = dataset.filter(lambda r: " in str(err.value)
+    # the suggested filter runs, also on a missing (None) value, and leaves only rows with text
+    keep = eval("lambda r: " + str(err.value).split("filter(lambda r: ", 1)[1].split(")`", 1)[0])
+    if not conversational:
+        values[5] = None
+        dataset = with_column(dataset, column, values)
+    assert len(dataset.filter(keep)) == len(dataset) - (1 if conversational else 2)
 
 
 @pytest.mark.parametrize(

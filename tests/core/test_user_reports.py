@@ -112,6 +112,17 @@ def test_length_advice_within_the_model_limit(caplog):
     assert "Raise `max_length` to 80 to keep every row whole, or shorten them." in caplog.text
 
 
+def test_dropped_and_truncated_rows_give_one_length_to_keep_every_row_whole(caplog):
+    # a 70-token prompt (dropped at 64) + 4 = 74 tokens; a 20 + 55 = 75-token row (truncated): 75 keeps both whole
+    data = Dataset.from_dict(
+        {"prompt_ids": [[1] * 70, [1] * 20, [1] * 3], "completion_ids": [[2] * 4, [2] * 55, [2] * 3]}
+    )
+    with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data.validation"):
+        check_tokenized(data, 64, "train", position_limit=128)
+    assert "dropped 1 of 3" in caplog.text and "truncated 1 of 3" in caplog.text
+    assert caplog.text.count("Raise `max_length` to 75 to keep every row whole") == 2
+
+
 def test_length_advice_past_the_model_limit(caplog):
     with caplog.at_level(logging.WARNING, logger="trl_kto_ext.data.validation"):
         check_tokenized(_tokenized(30, 432), 64, "train", position_limit=64)

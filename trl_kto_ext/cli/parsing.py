@@ -32,7 +32,19 @@ def _fail(message: str) -> typing.NoReturn:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader whose booleans are only true/false: `eval_strategy: no` stays the string 'no' (YAML 1.2)."""
+    """SafeLoader whose booleans are only true/false: `eval_strategy: no` stays the string 'no' (YAML 1.2), and where
+    a key given twice in one mapping is an error rather than the last value silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                first, again = seen[key] + 1, key_node.start_mark.line + 1
+                problem = f"`{key}` is given twice (lines {first} and {again}): keep one"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
@@ -75,9 +87,28 @@ def _yaml_error(err: yaml.YAMLError, path: str) -> str:
     return f"{path}, line {mark.line + 1}, column {mark.column + 1}: {text}"
 
 
-def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
-    return f" Did you mean `{close[0]}`?" if close else f" Run `{PROG} --help` for the valid options."
+# Names other tools use for an option of this command: suggested before any spelling match.
+_OTHER_NAMES = {
+    "batch_size": "per_device_train_batch_size",
+    "train_batch_size": "per_device_train_batch_size",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "num_epochs": "num_train_epochs",
+    "model": "model_name_or_path",
+    "model_name": "model_name_or_path",
+    "dataset": "dataset_name",
+    "data": "dataset_name",
+    "data_path": "dataset_name",
+    "steps": "max_steps",
+    "output": "output_dir",
+}
+
+
+def _suggest(name: str, options: list[str], prefix: str = "") -> str:
+    """` Did you mean `<prefix><option>`?` for another tool's name of an option or a close spelling, else where to look."""
+    known = _OTHER_NAMES.get(name)
+    close = [known] if known in options else difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" Did you mean `{prefix}{close[0]}`?" if close else f" Run `{PROG} --help` for the valid options."
 
 
 def _type_name(tp: Any) -> str:
@@ -124,6 +155,11 @@ def check_config(config: dict[str, Any], parser: argparse.ArgumentParser, path: 
     hints = {name: tp for dc in parser.dataclass_types for name, tp in typing.get_type_hints(dc).items()}
     for key, value in config.items():
         if key not in actions:
+            if isinstance(value, dict):
+                _fail(
+                    f"unknown key `{key}` in {path}, holding a section ({', '.join(map(str, list(value)[:3]))}...): "
+                    "every option is a top-level key of the file. Move its keys out of the section."
+                )
             _fail(f"unknown key `{key}` in {path}.{_suggest(str(key), list(actions))}")
         choices = actions[key].choices
         values = value if isinstance(value, list) and actions[key].nargs == "+" else [value]
@@ -140,9 +176,7 @@ def check_flags(args: list[str], parser: argparse.ArgumentParser) -> None:
     for arg in args:
         if arg.startswith("--") and (name := arg.split("=", 1)[0]) not in known:
             options = [o[2:] for o in known if o.startswith("--") and "-" not in o[2:]]
-            close = difflib.get_close_matches(name[2:].replace("-", "_"), options, n=1, cutoff=0.6)
-            hint = f" Did you mean `--{close[0]}`?" if close else f" Run `{PROG} --help` for the valid options."
-            _fail(f"unknown option `{name}`.{hint}")
+            _fail(f"unknown option `{name}`.{_suggest(name[2:].replace('-', '_'), options, prefix='--')}")
 
 
 class _Parser(GroupedHelpMixin, TrlParser):

@@ -235,7 +235,7 @@ def _check_text(columns: list[str], values, name: str) -> bool:
             keep = (
                 f"any((m.get('content') or '').strip() for m in r['{column}'])"
                 if isinstance(column_values[row], list)
-                else f"r['{column}'].strip()"
+                else f"(r['{column}'] or '').strip()"
             )
             fix = {
                 "empty": "KTO would learn from a completion with no text (or one without a prompt). Fill in or drop "
@@ -307,11 +307,12 @@ def check_tokenized(
     dropped = prompt_len >= max_length
     truncated = ~dropped & (prompt_len + completion_len > max_length)
     n = len(dataset)
+    whole = int((prompt_len + completion_len).max())  # keeps every row whole: one figure in every message
     if dropped.all():
         raise ValueError(
             f"All {n} rows of the {name} dataset were dropped: each prompt alone has max_length={max_length} tokens "
             f"or more (shortest prompt: {int(prompt_len.min())} tokens), so no completion token would remain. "
-            + _length_advice(int((prompt_len + completion_len).max()), max_length, position_limit, "the prompts")
+            + _length_advice(whole, max_length, position_limit, "the prompts")
         )
     if _main_process() and dropped.any():
         logger.warning(
@@ -322,7 +323,7 @@ def check_tokenized(
             n,
             max_length,
             _more_rows(np.flatnonzero(dropped).tolist(), "dropped", always=True),
-            _length_advice(int((prompt_len + completion_len)[dropped].max()), max_length, position_limit, "them"),
+            _length_advice(whole, max_length, position_limit, "them"),
         )
     if _main_process() and truncated.any():
         logger.warning(
@@ -333,7 +334,7 @@ def check_tokenized(
             n,
             max_length,
             _more_rows(np.flatnonzero(truncated).tolist(), "truncated", always=True),
-            _length_advice(int((prompt_len + completion_len)[~dropped].max()), max_length, position_limit, "them"),
+            _length_advice(whole, max_length, position_limit, "them"),
         )
     return dataset.select(np.flatnonzero(~dropped)) if dropped.any() else dataset
 

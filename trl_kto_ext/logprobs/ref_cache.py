@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
+from trl_kto_ext.errors import NOTICE
 from trl_kto_ext.logprobs.fast_path import TARGET_KEYS, fast_path
 
 logger = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def precompute(trainer, dataset, name: str, batch_size: int):
         path = os.path.join(getattr(args, "ref_cache_dir", None) or default_cache_dir(), f"{key}.pt")
         cached = load(path, len(dataset), with_kl)
         if cached is not None:
-            logger.warning("Reference log-probs for the %s set: cache hit, read from %s", name, path)
+            logger.warning("Reference log-probs for the %s set: cache hit, read from %s", name, path, extra=NOTICE)
             return _with_columns(dataset, cached)
     started = time.perf_counter()
     seqs = sequences(dataset, "completion_ids", args.max_length)
@@ -214,7 +215,9 @@ def precompute(trainer, dataset, name: str, batch_size: int):
         tensors["ref_KL_logps"] = values[len(dataset) :]
     seconds = time.perf_counter() - started
     if path is None:
-        logger.warning("Reference log-probs for the %s set computed in %.1f s (cache off).", name, seconds)
+        logger.warning(
+            "Reference log-probs for the %s set computed in %.1f s (cache off).", name, seconds, extra=NOTICE
+        )
     elif trainer.accelerator.is_main_process:
         try:
             save(path, tensors)
@@ -226,8 +229,9 @@ def precompute(trainer, dataset, name: str, batch_size: int):
             )  # fmt: skip
         else:
             logger.warning(
-                "Reference log-probs for the %s set: cache miss, computed in %.1f s, saved to %s", name, seconds, path
-            )
+                "Reference log-probs for the %s set: cache miss, computed in %.1f s, saved to %s",
+                name, seconds, path, extra=NOTICE,
+            )  # fmt: skip
     return _with_columns(dataset, tensors)
 
 

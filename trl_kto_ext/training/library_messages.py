@@ -64,11 +64,13 @@ class _DropMessage(logging.Filter):
 
 
 class _PackageLogHandler(logging.Handler):
-    """`trl-kto-ext: warning: message` on stderr, written through tqdm so a progress bar does not swallow the line."""
+    """`trl-kto-ext: warning: message` on stderr (`trl-kto-ext: message` for a line logged with `errors.NOTICE`), written through tqdm so a
+    progress bar does not swallow the line."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = f"{PROG}: {record.levelname.lower()}: {self.format(record)}"
+            label = "" if getattr(record, "notice", False) else f"{record.levelname.lower()}: "
+            text = f"{PROG}: {label}{self.format(record)}"
             tqdm = sys.modules.get("tqdm")  # loaded by transformers whenever a bar can be open
             if tqdm is not None:
                 tqdm.tqdm.write(text, file=sys.stderr)
