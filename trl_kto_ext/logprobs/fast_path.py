@@ -50,6 +50,7 @@ class FastPath:
     def policy_forward(self, model, batch, kwargs) -> object | None:
         """The policy's per-token outputs for the target rows ([B, T-1] `log_probs`, `entropy`, `mean_logits`), with
         gradients; None where the fast path does not apply (the caller runs TRL's)."""
+        self._recording = None  # a recording is only ever for the batch of the latest policy pass
         if self.trainer.aux_loss_enabled:
             self._say(model, "the policy's forward must return the MoE router's auxiliary loss")
             return None
@@ -75,7 +76,6 @@ class FastPath:
     def _recorder(self, model, batch):
         """(recording, call_kwargs) for the policy's gradient pass where its KL rows can continue from the prompts'
         keys and values (every KL row i has row i's prompt, text only, one process), else (None, None)."""
-        self._recording = None
         t, lm = self.trainer, self.causal_lm(model)
         if not t.calculate_KL or getattr(t.args, "humanline", False) or not t._only_text(batch):
             return None, None
