@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from benchmark_real import REAL_MODEL, REAL_MODEL_LABEL
+
 # ------------------------------------------------------------------------------------------------------------ arms
 
 
@@ -185,7 +187,7 @@ SMOLLM2_135M = dict(
 # What the table's header says of each model besides its architecture, size and vocabulary.
 MODEL_LABELS = {
     "smollm2-135m": "SmolLM2-135M shape, random weights",
-    "smollm2-135m-instruct": "SmolLM2-135M-Instruct, real weights",
+    REAL_MODEL: REAL_MODEL_LABEL,
     "qwen2-0.5b": "Qwen2-0.5B shape, random weights",
 }
 
@@ -195,9 +197,9 @@ def settings_from_args(args) -> dict:
     model = getattr(args, "model", "llama")
     if model == "qwen2-0.5b":
         preset.update(QWEN2_05B)
-    if model in ("smollm2-135m", "smollm2-135m-instruct") and not args.quick:
+    if model in ("smollm2-135m", REAL_MODEL) and not args.quick:
         preset.update(SMOLLM2_135M)
-    if model == "smollm2-135m-instruct":
+    if model == REAL_MODEL:
         # The real model, tokenizer and vocabulary in every mode (`--quick` keeps its rows and steps: a smoke run).
         preset.update(real_model=True, arch="llama", vocab_size=SMOLLM2_135M["vocab_size"])
     if model in MODEL_LABELS:

@@ -56,6 +56,17 @@ def perturb_lora_(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def move_policy_(model, use_lora, seed):
+    """Moves the policy away from the reference: random LoRA weights, or every weight plus noise of scale 0.1."""
+    if use_lora:
+        perturb_lora_(model, seed=seed)
+        return
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
 def padded_logps(model, ids, attention_mask, completion_mask):
     """Straightforward padded computation: full forward, log_softmax over the vocabulary in float64, summed."""
     with torch.no_grad():
@@ -103,13 +114,7 @@ def test_loss_z0_rewards_equal_a_padded_computation(
         trainer = KTOExtTrainer(
             model=model, args=args, train_dataset=odd_length_dataset(23, seed=3), processing_class=tiny_tokenizer
         )
-        if use_lora:
-            perturb_lora_(trainer.model, seed=1)
-        else:
-            with torch.no_grad():
-                g = torch.Generator().manual_seed(1)
-                for p in trainer.model.parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        move_policy_(trainer.model, use_lora, seed=1)
         trainer.model.train()
         batches = itertools.islice(iter(trainer.get_train_dataloader()), 3)
         for batch in batches:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import cpu_args
 from peft import LoraConfig, get_peft_model
-from test_fast_path import causal_only_attention, odd_length_dataset, padded_logps, perturb_lora_  # noqa: F401
+from test_fast_path import causal_only_attention, move_policy_, odd_length_dataset, padded_logps  # noqa: F401
 from test_shared_prompt import float64_logps, random_rows, with_head
 
 from trl_kto_ext import KTOExtTrainer
@@ -115,13 +115,7 @@ def test_a_step_continues_the_kl_rows_and_keeps_loss_and_gradients(
     if use_lora:
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     trainer = _trainer(model, tiny_tokenizer, tmp_path, checkpointing)
-    if use_lora:
-        perturb_lora_(trainer.model, seed=1)
-    else:
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
-            for p in trainer.model.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    move_policy_(trainer.model, use_lora, seed=1)
     assert trainer.model.is_gradient_checkpointing == (checkpointing is not None)
     continued = []
     original = prompt_reuse.continued_kl_logps
